@@ -24,6 +24,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
         "1: fill every output buffer scanopt allocates with NaN before the kernel writes it "
         "(tests set it, so an unwritten element fails verification)",
     ),
+    "SCANOPT_GIT_SHA": (
+        "",
+        "the git sha recorded in benchmark rows when the tree has no .git (a copy on a remote GPU)",
+    ),
     "SCANOPT_CACHE_DIR": (
         "~/.cache/scanopt",
         "user cache: tuning studies, the user config store, measured GPU ceilings",

@@ -685,3 +685,12 @@ def test_bench_command_on_gpu(tmp_path, monkeypatch, capsys):
     assert args.func(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["direction"], r["verified"]) for r in rows] == [("fwd", OK)]
+
+
+def test_git_sha_falls_back_to_env_outside_a_checkout(tmp_path, monkeypatch):
+    from scanopt.bench.results import git_sha
+
+    monkeypatch.setenv("SCANOPT_GIT_SHA", "abc1234")
+    assert git_sha(cwd=tmp_path) == "abc1234"
+    monkeypatch.delenv("SCANOPT_GIT_SHA")
+    assert git_sha(cwd=tmp_path) == ""

@@ -116,7 +116,9 @@ def gpu_slug(name: str) -> str:
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:
-    """Short sha of the checkout in ``cwd`` (``+dirty`` with local changes), or ``""``."""
+    """Short sha of the checkout in ``cwd`` (``+dirty`` with local changes), else
+    ``SCANOPT_GIT_SHA`` (for copies of a tree without ``.git``, e.g. on a remote GPU), else ``""``."""
+    fallback = os.environ.get("SCANOPT_GIT_SHA", "")
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -126,7 +128,7 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
             timeout=10,
         )
         if sha.returncode != 0:
-            return ""
+            return fallback
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=cwd,
@@ -136,7 +138,7 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
         )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return fallback
 
 
 def environment(device: Any = None) -> dict[str, str]:
