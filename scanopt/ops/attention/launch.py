@@ -15,6 +15,7 @@ import triton
 
 from scanopt._env import interpreting
 from scanopt._tensor import empty
+from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.ops.attention import kernels
 
 #: largest head dim the kernels take (the public functions send larger ones to PyTorch)
@@ -169,30 +170,6 @@ def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
 
 
-def _interpreter_compat() -> None:
-    """Let Triton 3.6's interpreter run loops over runtime bounds with NumPy >= 2.3.
-
-    The interpreter keeps scalars as 1-element arrays and converts loop bounds with
-    ``int(array)``, which NumPy 2.3+ rejects. The patch (same flag as the one in
-    ``scanopt/ops/_rwkv_common.py``, so either applies it once) reads the single element. It is
-    applied at the first launch under ``TRITON_INTERPRET=1`` only; GPUs are untouched.
-    """
-    if not interpreting():
-        return
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-    if getattr(original, "_scanopt_compat", False):
-        return
-
-    def _patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _patch_lang_tensor._scanopt_compat = True  # type: ignore[attr-defined]
-    interp._patch_lang_tensor = _patch_lang_tensor
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -231,7 +208,7 @@ def attention_fwd(
     Returns ``out`` (B, Hq, Lq, Dv) in q's dtype (memory (B, Lq, Hq, Dv) when ``seq_first``)
     and ``lse`` (B, Hq, Lq) float32, natural log, ``-inf`` on rows with no allowed key.
     """
-    _interpreter_compat()
+    ensure_interpreter_compat()
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bsz, hq, lq, d = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -281,7 +258,7 @@ def attention_bwd(
     """Backward (deterministic: no atomics). Shapes as in :func:`attention_fwd`; ``dout`` like
     ``out``, ``dlse`` like ``lse`` or None. Returns dq, dk, dv shaped like q, k, v (memory
     seq-first when ``seq_first``), in the input dtypes; dk/dv summed over each GQA group."""
-    _interpreter_compat()
+    ensure_interpreter_compat()
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     bsz, hq, lq, d = q.shape
