@@ -1,0 +1,260 @@
+"""Code shared by the WKV-6 and WKV-7 ops: argument checks, the checkpoint chunk, input
+generators for tests / ``self_check`` and a Triton-interpreter compatibility shim.
+
+Nothing here imports Triton at import time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from scanopt._env import interpreting
+from scanopt._tensor import FLOAT_DTYPES, check_tensor
+
+#: largest key head size the fused-recurrent kernels hold in registers (state tile [K, BV])
+MAX_K = 256
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+#: steps between stored state checkpoints (forward -> backward). The chunked backward walks
+#: 16-step pieces with their states in registers, so checkpoints are always 16 steps apart.
+CKPT_CHUNK = 16
+
+
+def default_chunk(T: int, K: int, V: int) -> int:
+    """Steps between stored state checkpoints: ``CKPT_CHUNK`` (checkpoint memory is
+    ``B * H * ceil(T / 16) * K * V * 4`` bytes, RWKV-LM's CUDA kernel stores the same)."""
+    return CKPT_CHUNK
+
+
+def num_chunks(T: int, chunk: int) -> int:
+    return (T + chunk - 1) // chunk
+
+
+def cdiv(x: int, y: int) -> int:
+    return (x + y - 1) // y
+
+
+#: the keys every launch config holds, per direction (the tuner's search space is over these)
+CONFIG_KEYS = {
+    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "num_warps", "num_stages"),
+    "bwd": ("MODE", "BT", "BV", "BW", "num_warps", "num_stages"),
+}
+MODES = ("recurrent", "chunked")
+
+
+def default_config(
+    direction: str, *, T: int, K: int, V: int, dtype: torch.dtype, mode: str | None = None
+) -> dict:
+    """Heuristic launch config of the WKV-6/7 kernels (for ``mode``, or the default mode).
+
+    - ``MODE``: ``"recurrent"`` (one program per (batch, head, V-block) walks all of T; the
+      backward recomputes each checkpointed piece into a global work space) or ``"chunked"``
+      (chunks of ``BT`` steps run in parallel; only the state passing between chunks is serial;
+      the backward keeps its states in registers). Chunked needs ``K <= 128``; it is the default
+      from ``T >= 256``, where ``T / BT``-fold more parallelism should outweigh its ~2-3x
+      arithmetic (not yet measured on a GPU).
+    - ``CHUNK`` (forward only): steps between stored state checkpoints (16 for the chunked
+      backward); the backward takes the chunk the checkpoints were written with.
+    - ``BT`` (chunked): steps per chunk, a multiple of 16.
+    - ``BV``: width of the V-block one program owns (state tile ``[next_pow2(K), BV]`` fp32 in
+      registers). With ``BV < V`` the backward writes fp32 partial sums over V-blocks for the
+      K-side gradients and adds them afterwards (extra memory traffic).
+    - ``BW`` (chunked): columns per program of the chunk-transition kernel.
+    - ``num_warps``, ``num_stages``: as usual (``num_stages`` has no effect on these loops; they
+      prefetch one step ahead by hand).
+
+    Block sizes and warps are chosen so the kernels compile for sm_90 without (or with small)
+    register spills, checked with ptxas through ``triton.compile``; the timing-based choice is
+    the tuner's.
+    """
+    if direction not in CONFIG_KEYS:
+        raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    BK = max(16, next_pow2(K))
+    VP = next_pow2(V)
+    if mode is None:
+        mode = "chunked" if K <= 128 and T >= 256 else "recurrent"
+    BW = 32
+    if mode == "chunked":
+        BV = min(max(VP, 16), 32 if (direction == "fwd" or BK <= 64) else 16)
+        elems = BK * max(BV, BW) if direction == "fwd" else BK * BV
+    else:
+        BV = min(VP, 32 if BK <= 64 else 16)
+        elems = BK * BV
+    num_warps = 8 if elems >= 1024 else 4 if elems >= 256 else 2
+    if direction == "bwd" and BK > 64:
+        num_warps = 16  # K = 128: the backward's tiles fit 16 warps' registers, not 8
+    cfg = {
+        "MODE": mode,
+        "BT": 64,
+        "BV": BV,
+        "BW": BW,
+        "num_warps": num_warps,
+        "num_stages": 1,
+    }
+    if direction == "fwd":
+        cfg["CHUNK"] = default_chunk(T, K, V)
+    return cfg
+
+
+def resolve_config(
+    op: str, direction: str, config: dict | None, *, T: int, K: int, V: int, dtype: torch.dtype
+) -> dict:
+    """``default_config`` (for the requested ``MODE``, if any) updated with ``config``; unknown
+    keys and bad values raise."""
+    mode = (config or {}).get("MODE")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
+    cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode)
+    if config:
+        unknown = set(config) - set(CONFIG_KEYS[direction])
+        if unknown:
+            raise ValueError(f"unknown {op} {direction} config keys: {sorted(unknown)}")
+        cfg.update(config)
+    for key in ("BV", "CHUNK", "BT", "BW"):
+        if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
+            raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
+    if cfg["MODE"] == "chunked":
+        if K > 128:
+            raise ValueError(f"{op} {direction} config: MODE 'chunked' needs K <= 128, got {K}")
+        if cfg["BT"] < 16 or cfg["BT"] % 16:
+            raise ValueError(f"{op} {direction} config: chunked needs BT a multiple of 16: {cfg}")
+        if direction == "fwd" and cfg["BT"] % cfg["CHUNK"]:
+            raise ValueError(f"{op} fwd config: BT must be a multiple of CHUNK, got {cfg}")
+    return cfg
+
+
+def check_inputs(
+    names: Sequence[str],
+    tensors: Sequence[object],
+    value_name: str = "v",
+) -> tuple[int, int, int, int, int]:
+    """Validate ``[B, T, H, K]`` inputs (all named ones) and ``v`` ``[B, T, H, V]``.
+
+    The first name is the reference tensor. Every tensor must be a float tensor on the same
+    device; all but ``w`` must share one dtype (``w``, the log decay, may be kept in fp32).
+    Returns ``(B, T, H, K, V)``.
+    """
+    ref_name, ref = names[0], tensors[0]
+    check_tensor(ref_name, ref, ndim=4, dtypes=FLOAT_DTYPES)
+    assert isinstance(ref, torch.Tensor)
+    B, T, H, K = ref.shape
+    V = None
+    for name, t in zip(names, tensors, strict=True):
+        if name == value_name:
+            check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, device=ref.device)
+            assert isinstance(t, torch.Tensor)
+            if tuple(t.shape[:3]) != (B, T, H):
+                raise ValueError(
+                    f"{name} must have shape ({B}, {T}, {H}, V) [B, T, H, V] like {ref_name}, "
+                    f"got {tuple(t.shape)}"
+                )
+            V = t.shape[3]
+        else:
+            check_tensor(name, t, shape=(B, T, H, K), dtypes=FLOAT_DTYPES, device=ref.device)
+        assert isinstance(t, torch.Tensor)
+        if name != "w" and t.dtype != ref.dtype:
+            raise TypeError(
+                f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype} "
+                "(only w, the log decay, may differ)"
+            )
+    assert V is not None
+    if not 1 <= K <= MAX_K:
+        raise ValueError(f"{ref_name}: head size K must be in [1, {MAX_K}], got {K}")
+    if V < 1:
+        raise ValueError(f"{value_name}: head size V must be >= 1, got {V}")
+    return B, T, H, K, V
+
+
+def check_state(
+    name: str, t: object, B: int, H: int, K: int, V: int, device: torch.device
+) -> torch.Tensor | None:
+    """``None`` or a float ``[B, H, K, V]`` state on ``device``."""
+    if t is None:
+        return None
+    return check_tensor(name, t, shape=(B, H, K, V), dtypes=FLOAT_DTYPES, device=device)
+
+
+def resolve_scale(scale: float | None, K: int) -> float:
+    """fla's convention: ``None`` means ``K ** -0.5``; RWKV itself uses 1.0 (our default)."""
+    return K**-0.5 if scale is None else float(scale)
+
+
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will need the backward of an op taking these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cast_grad(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs for tests, self_check and benchmarks
+
+
+def log_decay(
+    shape: Sequence[int], kind: str, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Log decays ``w <= 0`` of one of these kinds:
+
+    - ``"rwkv7"``: RWKV-LM's clamp, ``-exp(-0.5) * sigmoid(x)`` in (-0.607, 0);
+    - ``"rwkv6"``: fla's test distribution, ``logsigmoid(x)``;
+    - ``"weak"``: in (-0.05, 0), decay close to 1 (long memory);
+    - ``"strong"``: in (-20, -14), decay down to 2e-9 (breaks ``exp(-cumsum)`` factorizations);
+    - ``"mixed"``: each channel picks one of the above.
+    """
+    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
+    u = torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
+    kinds = {
+        "rwkv7": -math.exp(-0.5) * torch.sigmoid(x),
+        "rwkv6": torch.nn.functional.logsigmoid(x),
+        "weak": -0.05 * u,
+        "strong": -14.0 - 6.0 * u,
+    }
+    if kind == "mixed":
+        pick = torch.randint(0, len(kinds), tuple(shape), generator=generator)
+        w = torch.zeros(tuple(shape), dtype=torch.float64)
+        for i, value in enumerate(kinds.values()):
+            w = torch.where(pick == i, value, w)
+    elif kind in kinds:
+        w = kinds[kind]
+    else:
+        raise ValueError(f"unknown decay kind {kind!r}; known: {', '.join(kinds)}, mixed")
+    return w.clamp(max=0.0).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton interpreter
+
+
+def ensure_interpreter_compat() -> None:
+    """Make ``range(0, T)`` over a runtime ``T`` work in Triton's interpreter with NumPy >= 2.3.
+
+    The interpreter (triton 3.6) stores scalar kernel arguments as 1-element 1-D arrays and
+    converts loop bounds with ``int(array)``, which NumPy 2.3+ rejects ("only 0-dimensional
+    arrays can be converted to Python scalars"). This wraps the interpreter's tensor patch so
+    ``__index__`` reads the single element. Applied only when ``TRITON_INTERPRET=1``, once, at
+    the first launch; it changes nothing on GPUs.
+    """
+    if not interpreting():
+        return
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+    if getattr(original, "_scanopt_compat", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _patch_lang_tensor._scanopt_compat = True  # type: ignore[attr-defined]
+    interp._patch_lang_tensor = _patch_lang_tensor

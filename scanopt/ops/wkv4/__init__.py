@@ -1,0 +1,1 @@
+"""RWKV-4 WKV (``scanopt.wkv4``): Triton kernels parallel over time, launchers, torch.library ops."""
