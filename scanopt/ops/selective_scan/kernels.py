@@ -1,0 +1,717 @@
+"""Triton kernels of the Mamba-1 selective scan and its decode step.
+
+The scan kernels work on one batch row and a block of ``BLOCK_D`` channels and walk the sequence
+in chunks of ``BLOCK_L = BLOCK_G * BLOCK_R`` steps. A chunk is loaded as a ``[BLOCK_D,
+BLOCK_G, BLOCK_R]`` tile (step ``g * BLOCK_R + r``); Triton's coalesced layout gives each
+thread consecutive steps of one group ``g`` of one channel (the 16-byte vector of the input
+dtype; the rest of ``BLOCK_R`` after one in-register layout change), with the groups on lanes.
+
+- The per-(t, d) work (softplus, dt*u, D*u, the gate) is done once per element.
+- A tile splits into its ``BLOCK_R`` rows, ``[BLOCK_D, BLOCK_G]`` tensors, by reshape + split
+  (``_rows``), and the recurrence ``x = exp2(dt A log2e) x + dt u B`` is written out row by
+  row: no scan primitive over time, one exp2 and a few FMAs per (t, d, n), all in registers.
+- The N state columns are a loop; per column, the ``BLOCK_G`` groups of a chunk first run
+  their rows from a zero state, their (decay product, state) pairs are combined across the
+  lanes by a tiny ``tl.associative_scan`` over the groups, and a second pass over the rows
+  starts each group from its true state (``_chunk_states``). The groups are what fills the GPU
+  when ``batch * dim`` is small (batch 4 x dim 2048 is only 8192 sequential channels).
+- A column's state between chunks lives in a small fp32 buffer (batch, N, dim), read and
+  written by the thread that owns it.
+
+The backward walks the chunks in reverse from the forward's chunk-boundary checkpoints: per
+chunk and column it recomputes the states, then runs the adjoint the same way (rows backwards,
+a reverse scan over the groups). Tails are neutral: positions past L and channels past dim get
+``dt = 0`` (decay 1, input 0) and masked loads, so no stored value depends on them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.jit import constexpr_function
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@constexpr_function
+def _bitrev(t, bits):
+    r = 0
+    for b in range(bits):
+        r = r * 2 + (t >> b) % 2
+    return r
+
+
+@constexpr_function
+def _log2(n):
+    return max(int(n).bit_length() - 1, 0)
+
+
+@triton.jit
+def _rows(x, R: tl.constexpr):
+    """The R entries along the last axis of a [BD, G, R] tile as a tuple of [BD, G] tensors
+    (R >= 2, a power of two); likewise for a [1, G, R] tile."""
+    LOG: tl.constexpr = _log2(R)
+    parts = (x,)
+    for lev in tl.static_range(LOG):
+        new = ()
+        for p in tl.static_range(1 << lev):
+            if (R >> lev) == 2:
+                lo, hi = tl.split(parts[p])
+            else:
+                lo, hi = tl.split(
+                    tl.reshape(parts[p], [x.shape[0], x.shape[1], (R >> lev) // 2, 2])
+                )
+            new = new + (lo, hi)
+        parts = new
+    rows = ()
+    for t in tl.static_range(R):
+        rows = rows + (parts[_bitrev(t, LOG)],)
+    return rows
+
+
+@triton.jit
+def _join_rows(rows, R: tl.constexpr):
+    """Inverse of ``_rows``: R [BD, G] tensors -> the [BD, G, R] tile."""
+    LOG: tl.constexpr = _log2(R)
+    parts = ()
+    for i in tl.static_range(R):
+        parts = parts + (rows[_bitrev(i, LOG)],)
+    for k in tl.static_range(LOG):
+        new = ()
+        for p in tl.static_range(R >> (k + 1)):
+            t = tl.join(parts[2 * p], parts[2 * p + 1])  # [BD, G, 2] or [BD, G, S, 2]
+            if k > 0:
+                t = tl.reshape(t, [t.shape[0], t.shape[1], 2 << k])
+            new = new + (t,)
+        parts = new
+    return parts[0]
+
+
+@triton.jit
+def _softplus(x):
+    # mamba_ssm's softplus: x above 20, log(1 + e^x) below; log1p by Kahan's trick (exact for
+    # tiny e^x, where log(1 + e) would round to 0)
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _softplus_grad(x):
+    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+
+
+@triton.jit
+def _linear_combine(a_l, b_l, a_r, b_r):
+    # composition of x -> a x + b maps; in a forward scan (a_l, b_l) is the earlier segment, in
+    # a reverse scan the later one
+    return a_l * a_r, b_l * a_r + b_r
+
+
+@triton.jit
+def _load_tile(base, l3, offs_d, mask, s_l, s_d):
+    """A [BD, G, R] fp32 tile of a (dim, L)-strided input at steps l3 [1, G, R]."""
+    return tl.load(base + l3 * s_l + offs_d[:, None, None] * s_d, mask=mask, other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
+def _load_dt(delta_base, bias, l3, offs_d, mask, s_dt_l, s_dt_d, HAS_BIAS: tl.constexpr,
+             SOFTPLUS: tl.constexpr):  # fmt: skip
+    """(pre-softplus delta, dt) of a [BD, G, R] tile; dt is 0 where masked."""
+    pre = _load_tile(delta_base, l3, offs_d, mask, s_dt_l, s_dt_d)
+    if HAS_BIAS:
+        pre = pre + bias[:, None, None]
+    dt = pre
+    if SOFTPLUS:
+        dt = _softplus(pre)
+    dt = tl.where(mask, dt, 0.0)
+    return pre, dt
+
+
+@triton.jit
+def _bc_rows(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d,
+             VAR: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """B or C of column n for the chunk's rows: R tensors broadcastable to [BD, G]."""
+    out = ()
+    if VAR:
+        v = tl.load(base + n * s_n + l3 * s_l, mask=mask_l3, other=0.0)  # [1, G, R]
+        out = _rows(v.to(tl.float32), R)  # R x [1, G]
+    else:
+        f = tl.load(fixed_ptr + offs_d * s_d + n * s_n, mask=mask_d, other=0.0).to(tl.float32)
+        for _t in tl.static_range(R):
+            out = out + (f[:, None],)  # [BD, 1]
+    return out
+
+
+@triton.jit
+def _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, R: tl.constexpr):
+    """Decays and inputs of one column over a chunk's rows, and the state entering each group.
+
+    ``carry`` [BD, G]: the state before the chunk (read in group 0 only). Returns ``(a_r,
+    inp_r, P, x_in, x_end)``: the R decays and inputs [BD, G], each group's decay product, the
+    state entering each group, and the state after the chunk (the same in every group).
+    """
+    a_r = ()
+    inp_r = ()
+    for t in tl.static_range(R):
+        a = tl.exp2(dt_r[t] * A2n)
+        inp = dtu_r[t] * Bt[t]
+        if t == 0:
+            h = inp
+            P = a
+        else:
+            h = a * h + inp
+            P = P * a
+        a_r = a_r + (a,)
+        inp_r = inp_r + (inp,)
+    h = h + tl.where(gi == 0, P * carry, -0.0)
+    Pg, incl = tl.associative_scan((P, h), axis=1, combine_fn=_linear_combine)  # [BD, G]
+    G: tl.constexpr = carry.shape[1]
+    prev = tl.gather(incl, tl.broadcast_to(tl.maximum(gi - 1, 0), carry.shape), 1)
+    x_in = tl.where(gi == 0, carry, prev)
+    x_end = tl.gather(incl, tl.full(carry.shape, G - 1, tl.int32), 1)
+    return a_r, inp_r, P, x_in, x_end
+
+
+@triton.jit
+def selective_scan_fwd_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h0_ptr,
+    out_ptr,
+    state_ptr,
+    ckpt_ptr,
+    dim,
+    L,
+    N,
+    n_ck,
+    cpg_b,
+    cpg_c,
+    s_u_b,
+    s_u_d,
+    s_u_l,
+    s_dt_b,
+    s_dt_d,
+    s_dt_l,
+    s_z_b,
+    s_z_d,
+    s_z_l,
+    s_A_d,
+    s_A_n,
+    s_B_b,
+    s_B_g,
+    s_B_n,
+    s_B_l,
+    s_C_b,
+    s_C_g,
+    s_C_n,
+    s_C_l,
+    s_D,
+    s_bias,
+    s_h0_b,
+    s_h0_d,
+    s_h0_n,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    B_VAR: tl.constexpr,
+    C_VAR: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CK: tl.constexpr,
+):
+    """out = (sum_n x_t C_t + D u) * silu(z) (batch, dim, L); the states at every CK-th step.
+
+    Grid: (batch, cdiv(dim, BLOCK_D)). The N state columns are a loop; each column's state
+    between chunks lives in ``state`` (batch, N, dim) fp32 (read and written by the same thread;
+    it holds the last state at the end). B/C variable: (batch, G, N, L) strides with the group
+    of the whole channel block (the launcher makes blocks group-aligned); fixed: (dim, N) with
+    ``s_B_g`` the dim stride. ``ckpt[b, k, :, d]`` is the state after step ``(k+1)*CK - 1`` (the
+    last one after step L-1); CK is a multiple of the chunk length BLOCK_G * BLOCK_R.
+    """
+    BLOCK_L: tl.constexpr = BLOCK_G * BLOCK_R
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
+    mask_d = offs_d < dim
+    gi = tl.arange(0, BLOCK_G)[None, :]  # [1, G]
+    step = gi[:, :, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, None, :]  # [1, G, R]
+    first_group = mask_d[:, None] & (gi == 0)  # [BD, G]: the copy of a per-channel value we keep
+    zero2 = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
+
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    u_base = u_ptr + pid_b * s_u_b
+    delta_base = delta_ptr + pid_b * s_dt_b
+    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g
+    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g
+    st_ptrs = state_ptr + pid_b * N * dim + offs_d[:, None] + gi * 0  # [BD, G], + n * dim
+    ck_ptrs = ckpt_ptr + pid_b * n_ck * N * dim + offs_d[:, None] + gi * 0  # + (k*N + n)*dim
+    io_off = (pid_b * dim + offs_d[:, None, None]) * L  # [BD, 1, 1] into out
+
+    # the state before the first chunk
+    for n in range(0, N):
+        if HAS_H0:
+            x0 = tl.load(h0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n * s_h0_n, mask=mask_d,
+                         other=0.0).to(tl.float32)  # fmt: skip
+        else:
+            x0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        tl.store(st_ptrs + n * dim, zero2 + x0[:, None], mask=first_group)
+
+    n_chunks = tl.cdiv(L, BLOCK_L)
+    for c in range(0, n_chunks):
+        l3 = c * BLOCK_L + step  # [1, G, R]
+        mask_l3 = l3 < L
+        mask3 = mask_l3 & mask_d[:, None, None]  # [BD, G, R]
+        u = _load_tile(u_base, l3, offs_d, mask3, s_u_l, s_u_d)
+        pre, dt = _load_dt(delta_base, bias, l3, offs_d, mask3, s_dt_l, s_dt_d, HAS_BIAS,
+                           SOFTPLUS)  # fmt: skip
+        dt_r = _rows(dt, BLOCK_R)
+        dtu_r = _rows(dt * u, BLOCK_R)
+        zrow = dt_r[0] * 0.0  # zeros in the rows' layout (tl.zeros would pick another one)
+        y_r = ()
+        for _t in tl.static_range(BLOCK_R):
+            y_r = y_r + (zrow,)
+        store_ck = STORE_CKPT & (((c + 1) % (CK // BLOCK_L) == 0) | (c == n_chunks - 1))
+        kk = c // (CK // BLOCK_L)
+        for n in range(0, N):
+            A2n = (
+                tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d, other=0.0).to(tl.float32)[
+                    :, None
+                ]
+                * LOG2E
+            )  # [BD, 1]
+            Bt = _bc_rows(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g,
+                          B_VAR, BLOCK_R)  # fmt: skip
+            Ct = _bc_rows(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g,
+                          C_VAR, BLOCK_R)  # fmt: skip
+            carry = tl.load(st_ptrs + n * dim, mask=first_group, other=0.0)
+            a_r, inp_r, P, xn, x_end = _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, BLOCK_R)
+            tl.store(st_ptrs + n * dim, x_end, mask=first_group)
+            if store_ck:
+                tl.store(ck_ptrs + (kk * N + n).to(tl.int64) * dim, x_end, mask=first_group)
+            new_y = ()
+            for t in tl.static_range(BLOCK_R):
+                xn = a_r[t] * xn + inp_r[t]
+                new_y = new_y + (y_r[t] + xn * Ct[t],)
+            y_r = new_y
+        y = _join_rows(y_r, BLOCK_R)  # [BD, G, R]
+        if HAS_D:
+            y += Dv[:, None, None] * u
+        if HAS_Z:
+            zt = _load_tile(z_ptr + pid_b * s_z_b, l3, offs_d, mask3, s_z_l, s_z_d)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_ptr + io_off + l3, y.to(out_ptr.dtype.element_ty), mask=mask3)
+
+
+@triton.jit
+def selective_scan_bwd_kernel(
+    dout_ptr,
+    dlast_ptr,
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    h0_ptr,
+    ckpt_ptr,
+    du_ptr,
+    ddelta_ptr,
+    dz_ptr,
+    adj_ptr,
+    dA_ptr,
+    dB_ptr,
+    dC_ptr,
+    dD_ptr,
+    dbias_ptr,
+    dim,
+    L,
+    N,
+    n_ck,
+    cpg_b,
+    cpg_c,
+    s_do_b,
+    s_do_d,
+    s_do_l,
+    s_u_b,
+    s_u_d,
+    s_u_l,
+    s_dt_b,
+    s_dt_d,
+    s_dt_l,
+    s_z_b,
+    s_z_d,
+    s_z_l,
+    s_A_d,
+    s_A_n,
+    s_B_b,
+    s_B_g,
+    s_B_n,
+    s_B_l,
+    s_C_b,
+    s_C_g,
+    s_C_n,
+    s_C_l,
+    s_D,
+    s_bias,
+    s_h0_b,
+    s_h0_d,
+    s_h0_n,
+    s_dl_b,
+    s_dl_d,
+    s_dl_n,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
+    B_VAR: tl.constexpr,
+    C_VAR: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """All gradients of the scan, walking the chunks (of BLOCK_G * BLOCK_R steps = the
+    forward's checkpoint interval) backwards.
+
+    Per chunk and state column: recompute the chunk's states from its checkpoint (as the
+    forward does), then the adjoint ``g_t = dy_t C_t + G_t`` with ``G_t = a_{t+1} g_{t+1}``
+    (dLoss/dx_t through the later steps), again in two passes over the rows with a reverse scan
+    across the groups in between. Each column's ``G`` between chunks lives in ``adj`` (batch, N,
+    dim) fp32; after the first chunk it is the initial-state gradient.
+
+    Outputs (no atomics): du, ddelta, dz (batch, dim, L) contiguous; partial sums summed by the
+    caller: ``dA[b, n, g, d]``, ``dD[b, l, d]``, ``dbias[b, l, d]`` (l < the chunk length),
+    dB/dC ``[b, n, g, d]`` when fixed or ``[b, d_block, n, L]`` when variable (summed over the
+    blocks of a group).
+    """
+    BLOCK_L: tl.constexpr = BLOCK_G * BLOCK_R
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1).to(tl.int64)
+    n_dblk = tl.num_programs(1)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
+    mask_d = offs_d < dim
+    gi = tl.arange(0, BLOCK_G)[None, :]  # [1, G]
+    step = gi[:, :, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, None, :]  # [1, G, R]
+    zero2 = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
+    first_group = mask_d[:, None] & (gi == 0)  # [BD, G]
+    last_group = gi == BLOCK_G - 1  # [1, G]
+    mask_dg = mask_d[:, None] & (gi >= 0)  # [BD, G]
+
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d * s_bias, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    dD_acc = tl.zeros([BLOCK_D, BLOCK_G, BLOCK_R], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D, BLOCK_G, BLOCK_R], dtype=tl.float32)
+
+    u_base = u_ptr + pid_b * s_u_b
+    delta_base = delta_ptr + pid_b * s_dt_b
+    dout_base = dout_ptr + pid_b * s_do_b
+    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g
+    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g
+    io_off = (pid_b * dim + offs_d[:, None, None]) * L  # [BD, 1, 1] into du / ddelta / dz
+    adj_ptrs = adj_ptr + pid_b * N * dim + offs_d[:, None] + gi * 0  # [BD, G], + n * dim
+    ck_ptrs = ckpt_ptr + pid_b * n_ck * N * dim + offs_d  # [BD], + (k*N + n) * dim
+    # this thread's [BD, G] slots of the (batch, N, G, dim) partial sums, + n * G * dim
+    nd_off = pid_b * N * BLOCK_G * dim + gi * dim + offs_d[:, None]
+    part_off = (pid_b * n_dblk + pid_d) * N * L  # into dB/dC parts (batch, n_dblk, N, L)
+
+    for n in range(0, N):
+        if HAS_DLAST:
+            g0 = tl.load(dlast_ptr + pid_b * s_dl_b + offs_d * s_dl_d + n * s_dl_n, mask=mask_d,
+                         other=0.0).to(tl.float32)  # fmt: skip
+        else:
+            g0 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        tl.store(adj_ptrs + n * dim, zero2 + g0[:, None], mask=first_group)
+        tl.store(dA_ptr + nd_off + n * BLOCK_G * dim, zero2, mask=mask_dg)
+        if not B_VAR:
+            tl.store(dB_ptr + nd_off + n * BLOCK_G * dim, zero2, mask=mask_dg)
+        if not C_VAR:
+            tl.store(dC_ptr + nd_off + n * BLOCK_G * dim, zero2, mask=mask_dg)
+
+    for i in range(0, n_ck):
+        c = n_ck - 1 - i
+        l3 = c * BLOCK_L + step  # [1, G, R]
+        mask_l3 = l3 < L
+        mask3 = mask_l3 & mask_d[:, None, None]  # [BD, G, R]
+        u = _load_tile(u_base, l3, offs_d, mask3, s_u_l, s_u_d)
+        pre, dt = _load_dt(delta_base, bias, l3, offs_d, mask3, s_dt_l, s_dt_d, HAS_BIAS,
+                           SOFTPLUS)  # fmt: skip
+        dout = _load_tile(dout_base, l3, offs_d, mask3, s_do_l, s_do_d)
+        if HAS_Z:
+            zt = _load_tile(z_ptr + pid_b * s_z_b, l3, offs_d, mask3, s_z_l, s_z_d)
+            sig = tl.sigmoid(zt)
+            dy = dout * zt * sig
+        else:
+            dy = dout
+        dt_r = _rows(dt, BLOCK_R)
+        dtu_r = _rows(dt * u, BLOCK_R)
+        dy_r = _rows(dy, BLOCK_R)
+        zrow = dt_r[0] * 0.0  # zeros in the rows' layout (tl.zeros would pick another one)
+        gB_r = ()  # sum_n g B
+        gxA_r = ()  # sum_n g a x_{t-1} A log2(e)
+        y_r = ()  # sum_n x C
+        for _t in tl.static_range(BLOCK_R):
+            gB_r = gB_r + (zrow,)
+            gxA_r = gxA_r + (zrow,)
+            y_r = y_r + (zrow,)
+        for n in range(0, N):
+            A2n = (
+                tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d, other=0.0).to(tl.float32)[
+                    :, None
+                ]
+                * LOG2E
+            )  # [BD, 1]
+            Bt = _bc_rows(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g,
+                          B_VAR, BLOCK_R)  # fmt: skip
+            Ct = _bc_rows(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g,
+                          C_VAR, BLOCK_R)  # fmt: skip
+            xc = tl.load(
+                ck_ptrs + ((c - 1) * N + n).to(tl.int64) * dim, mask=mask_d & (c > 0), other=0.0
+            )
+            if HAS_H0:
+                h0n = tl.load(h0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n * s_h0_n,
+                              mask=mask_d & (c == 0), other=0.0).to(tl.float32)  # fmt: skip
+                xc = tl.where(c == 0, h0n, xc)
+            a_r, inp_r, P, x_in, x_end = _chunk_states(dt_r, dtu_r, A2n, Bt, zrow + xc[:, None],
+                                                       gi, BLOCK_R)  # fmt: skip
+            xs_r = ()
+            xn = x_in
+            for t in tl.static_range(BLOCK_R):
+                xn = a_r[t] * xn + inp_r[t]
+                xs_r = xs_r + (xn,)
+            # adjoint: local pass per group, then the groups' carries right to left
+            q = tl.load(adj_ptrs + n * dim, mask=first_group, other=0.0)  # group 0 holds it
+            q = tl.gather(q, tl.full(zero2.shape, 0, tl.int32), 1)
+            Gl = zrow
+            for t in tl.static_range(BLOCK_R - 1, -1, -1):
+                Gl = a_r[t] * (dy_r[t] * Ct[t] + Gl)
+            Gl = Gl + tl.where(last_group, P * q, -0.0)
+            Pg, incl = tl.associative_scan((P, Gl), axis=1, combine_fn=_linear_combine,
+                                           reverse=True)  # fmt: skip
+            nxt = tl.gather(incl, tl.broadcast_to(tl.minimum(gi + 1, BLOCK_G - 1), zero2.shape),
+                            1)  # fmt: skip
+            Gc = tl.where(last_group, q, nxt)
+            tl.store(adj_ptrs + n * dim, incl, mask=first_group)  # dLoss/dx before the chunk
+            dAn = zrow
+            dBn = zrow
+            dCn = zrow
+            nB = ()
+            nxA = ()
+            ny = ()
+            pB = ()
+            pC = ()
+            for t in tl.static_range(BLOCK_R - 1, -1, -1):
+                g = dy_r[t] * Ct[t] + Gc
+                Gc = a_r[t] * g
+                if t > 0:
+                    gx = Gc * xs_r[t - 1]  # g_t a_t x_{t-1}
+                else:
+                    gx = Gc * x_in
+                dAn += gx * dt_r[t]
+                nB = (gB_r[t] + g * Bt[t],) + nB
+                nxA = (gxA_r[t] + gx * A2n,) + nxA
+                if HAS_Z:
+                    ny = (y_r[t] + xs_r[t] * Ct[t],) + ny
+                if B_VAR:
+                    pB = (g * dtu_r[t],) + pB
+                else:
+                    dBn += g * dtu_r[t]
+                if C_VAR:
+                    pC = (xs_r[t] * dy_r[t],) + pC
+                else:
+                    dCn += xs_r[t] * dy_r[t]
+            gB_r = nB
+            gxA_r = nxA
+            if HAS_Z:
+                y_r = ny
+            slot = nd_off + n * BLOCK_G * dim
+            tl.store(dA_ptr + slot, tl.load(dA_ptr + slot, mask=mask_dg, other=0.0) + dAn,
+                     mask=mask_dg)  # fmt: skip
+            if B_VAR:
+                # sum over the channels: [1, G, R]
+                part = tl.sum(_join_rows(pB, BLOCK_R), axis=0, keep_dims=True)
+                tl.store(dB_ptr + part_off + n * L + l3, part, mask=mask_l3)
+            else:
+                tl.store(dB_ptr + slot, tl.load(dB_ptr + slot, mask=mask_dg, other=0.0) + dBn,
+                         mask=mask_dg)  # fmt: skip
+            if C_VAR:
+                # sum over the channels: [1, G, R]
+                part = tl.sum(_join_rows(pC, BLOCK_R), axis=0, keep_dims=True)
+                tl.store(dC_ptr + part_off + n * L + l3, part, mask=mask_l3)
+            else:
+                tl.store(dC_ptr + slot, tl.load(dC_ptr + slot, mask=mask_dg, other=0.0) + dCn,
+                         mask=mask_dg)  # fmt: skip
+        gB = _join_rows(gB_r, BLOCK_R)  # [BD, G, R]
+        ddt = _join_rows(gxA_r, BLOCK_R) * (1.0 / LOG2E) + gB * u
+        du = gB * dt
+        if HAS_D:
+            du += Dv[:, None, None] * dy
+            dD_acc += dy * u
+        if HAS_Z:
+            y = _join_rows(y_r, BLOCK_R)
+            if HAS_D:
+                y += Dv[:, None, None] * u
+            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+            tl.store(dz_ptr + io_off + l3, dz.to(dz_ptr.dtype.element_ty), mask=mask3)
+        if SOFTPLUS:
+            ddt = ddt * _softplus_grad(pre)
+        ddt = tl.where(mask3, ddt, 0.0)
+        dbias_acc += ddt
+        tl.store(du_ptr + io_off + l3, du.to(du_ptr.dtype.element_ty), mask=mask3)
+        tl.store(ddelta_ptr + io_off + l3, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask3)
+
+    acc_ptrs = pid_b * BLOCK_L * dim + step * dim + offs_d[:, None, None]  # [BD, G, R]
+    mask_acc = mask_d[:, None, None] & (step >= 0)
+    if HAS_D:
+        tl.store(dD_ptr + acc_ptrs, dD_acc, mask=mask_acc)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + acc_ptrs, dbias_acc, mask=mask_acc)
+
+
+@triton.jit
+def selective_state_update_kernel(
+    state_ptr,
+    x_ptr,
+    dt_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    idx_ptr,
+    out_ptr,
+    nheads,
+    dim,
+    N,
+    heads_per_group,
+    s_st_b,
+    s_st_h,
+    s_st_d,
+    s_st_n,
+    s_x_b,
+    s_x_h,
+    s_x_d,
+    s_dt_b,
+    s_dt_h,
+    s_dt_d,
+    s_A_h,
+    s_A_d,
+    s_A_n,
+    s_B_b,
+    s_B_g,
+    s_B_n,
+    s_C_b,
+    s_C_g,
+    s_C_n,
+    s_D_h,
+    s_D_d,
+    s_z_b,
+    s_z_h,
+    s_z_d,
+    s_bias_h,
+    s_bias_d,
+    s_o_b,
+    s_o_h,
+    s_o_d,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One decode step: state = state * exp(dt A) + dt x B; out = (state . C + D x) * silu(z).
+
+    Grid: (batch, nheads, cdiv(dim, BLOCK_D)). The state is read in its dtype, updated in fp32
+    and written back in place; a negative ``state_batch_indices`` entry skips the row (out = 0).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    offs_n = tl.arange(0, BLOCK_N)  # [BN]
+    mask_d = offs_d < dim
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)  # [BD, BN]
+    out_ptrs = out_ptr + pid_b * s_o_b + pid_h * s_o_h + offs_d * s_o_d
+
+    if HAS_IDX:
+        st_b = tl.load(idx_ptr + pid_b).to(tl.int64)
+    else:
+        st_b = pid_b
+    if st_b < 0:
+        tl.store(out_ptrs, tl.zeros([BLOCK_D], dtype=tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=mask_d)  # fmt: skip
+    else:
+        st_ptrs = (
+            state_ptr
+            + st_b * s_st_b
+            + pid_h * s_st_h
+            + offs_d[:, None] * s_st_d
+            + offs_n[None, :] * s_st_n
+        )  # [BD, BN]
+        state = tl.load(st_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + offs_d * s_x_d, mask=mask_d, other=0.0)
+        x = x.to(tl.float32)
+        dt = tl.load(
+            dt_ptr + pid_b * s_dt_b + pid_h * s_dt_h + offs_d * s_dt_d, mask=mask_d, other=0.0
+        ).to(tl.float32)
+        if HAS_BIAS:
+            dt += tl.load(
+                bias_ptr + pid_h * s_bias_h + offs_d * s_bias_d, mask=mask_d, other=0.0
+            ).to(tl.float32)
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        A = tl.load(
+            A_ptr + pid_h * s_A_h + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n,
+            mask=mask_dn,
+            other=0.0,
+        ).to(tl.float32)  # [BD, BN]
+        grp = pid_h // heads_per_group
+        Bv = tl.load(
+            B_ptr + pid_b * s_B_b + grp * s_B_g + offs_n * s_B_n, mask=offs_n < N, other=0.0
+        ).to(tl.float32)  # [BN]
+        Cv = tl.load(
+            C_ptr + pid_b * s_C_b + grp * s_C_g + offs_n * s_C_n, mask=offs_n < N, other=0.0
+        ).to(tl.float32)
+        state = state * tl.exp2(A * LOG2E * dt[:, None]) + (dt * x)[:, None] * Bv[None, :]
+        tl.store(st_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask_dn)
+        out = tl.sum(state * Cv[None, :], axis=1)  # [BD]
+        if HAS_D:
+            out += x * tl.load(D_ptr + pid_h * s_D_h + offs_d * s_D_d, mask=mask_d, other=0.0).to(
+                tl.float32
+            )
+        if HAS_Z:
+            z = tl.load(
+                z_ptr + pid_b * s_z_b + pid_h * s_z_h + offs_d * s_z_d, mask=mask_d, other=0.0
+            ).to(tl.float32)
+            out = out * z * tl.sigmoid(z)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)

@@ -1,0 +1,358 @@
+"""Launchers of the selective-scan kernels: allocation, grid, launch configs. No autograd here.
+
+Every launcher takes ``config=None`` (a dict of the keys in ``CONFIG_KEYS``); missing keys come
+from :func:`default_config`, the heuristic the tuner starts from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from scanopt._env import interpreting
+from scanopt._tensor import empty
+from scanopt._triton_compat import ensure_interpreter_compat
+from scanopt.autotune import resolve_config as tuned_config
+
+#: the keys of a launch config, per kernel (the tuner's search space)
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps", "num_stages"),
+    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps", "num_stages"),
+    "update": ("BLOCK_D", "num_warps"),
+}
+
+#: largest state size the kernels take (mamba_ssm's MAX_DSTATE)
+MAX_DSTATE = 256
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n`` (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def default_config(
+    kind: str, *, dim: int, N: int, L: int = 1, dtype=torch.bfloat16, device_type: str = "cuda"
+) -> dict:
+    """Heuristic launch config of one kernel (``kind``: ``fwd``, ``bwd`` or ``update``).
+
+    Scan kernels (see ``kernels.py``): a chunk of ``BLOCK_G * BLOCK_R`` steps of ``BLOCK_D``
+    channels is a ``[BLOCK_D, BLOCK_G, BLOCK_R]`` tile; each thread owns the ``BLOCK_R`` steps
+    of one group of one channel, the groups sit on ``BLOCK_G`` lanes and the channels on the
+    other ``32 / BLOCK_G`` lanes and the warps.
+    So ``BLOCK_D = (32 / BLOCK_G) * num_warps`` gives one channel per thread, and the grid
+    has ``batch * dim * BLOCK_G / 32`` warps: the groups are what fills the GPU when
+    ``batch * dim`` is small.
+
+    - ``BLOCK_D``: channels per program (lowered so a block never straddles two groups of a
+      grouped B/C).
+    - ``BLOCK_G``, ``BLOCK_R``: groups per chunk and steps per group. The backward's chunk,
+      ``BLOCK_G * BLOCK_R``, is also the forward's checkpoint interval: it sets the
+      checkpoint memory, ``batch * dim * N * 4 * ceil(L / chunk)`` bytes, and the forward's
+      chunk must divide it.
+    - ``num_warps``, ``num_stages``: as usual.
+    """
+    if kind not in CONFIG_KEYS:
+        raise ValueError(f"kind must be one of {sorted(CONFIG_KEYS)}, got {kind!r}")
+    BN = next_pow2(N)
+    if kind == "update":
+        # mamba_ssm's hand-picked (BLOCK_SIZE_M, num_warps) by dstate
+        if BN <= 16:
+            return {"BLOCK_D": 32, "num_warps": 4}
+        if BN <= 32:
+            return {"BLOCK_D": 16, "num_warps": 4}
+        if BN <= 64:
+            return {"BLOCK_D": 8, "num_warps": 4}
+        if BN <= 128:
+            return {"BLOCK_D": 4, "num_warps": 4}
+        return {"BLOCK_D": 4, "num_warps": 8}
+    if device_type != "cuda" or interpreting():
+        # the interpreter pays per operation, not per element: wide tiles, short loops
+        return {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
+                "num_stages": 1}  # fmt: skip
+    # 8 groups of 16 steps (128-step chunks), one channel per thread. Picked offline from the
+    # SASS of the column loop (about 14 instructions per (t, d, n) in the forward with one warp
+    # per program; the backward costs about 39 with one warp and 50 with eight, but eight warps
+    # cut its per-block dB/dC partial sums, batch * dim/BLOCK_D * N * L * 4 bytes each for
+    # variable B/C, eightfold). The tuner refines both per GPU.
+    if kind == "fwd":
+        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1}
+    return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 8, "num_stages": 1}
+
+
+def resolve_config(
+    kind: str, config: dict | None, *, batch: int = 1, device: torch.device | None = None, **shape
+) -> dict:
+    """The launch config: ``default_config``, replaced by a tuned config for this GPU and shape
+    bucket when the config store has one (``scanopt.autotune``), then updated with an explicit
+    ``config``; unknown keys and bad sizes raise."""
+    cfg = default_config(kind, **shape)
+    if kind in ("fwd", "bwd") and device is not None and device.type == "cuda":
+        dims = {"batch": batch, "dim": shape["dim"], "L": shape.get("L", 1), "N": shape["N"]}
+        cfg = tuned_config("selective_scan", kind, shape["dtype"], dims, cfg, device=device)
+    if config:
+        unknown = set(config) - set(CONFIG_KEYS[kind])
+        if unknown:
+            raise ValueError(f"unknown selective_scan {kind} config keys: {sorted(unknown)}")
+        cfg.update(config)
+    for key in ("BLOCK_D", "BLOCK_G", "BLOCK_R"):
+        if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
+            raise ValueError(f"{key} must be a power of two, got {cfg[key]}")
+    if "BLOCK_R" in cfg and cfg["BLOCK_R"] < 2:
+        raise ValueError(f"BLOCK_R must be at least 2, got {cfg['BLOCK_R']}")
+    return cfg
+
+
+def checkpoint_chunk(*, batch: int, dim: int, N: int, L: int, dtype, device: torch.device) -> int:
+    """Steps between two stored states (the backward's chunk) for this shape."""
+    cfg = resolve_config(
+        "bwd", None, batch=batch, device=device, dim=dim, N=N, L=L, dtype=dtype,
+        device_type=device.type,
+    )  # fmt: skip
+    return cfg["BLOCK_G"] * cfg["BLOCK_R"]
+
+
+def _fit_chunk(cfg: dict, chunk: int) -> dict:
+    """Shrink a forward config's chunk ``BLOCK_G * BLOCK_R`` until it divides the checkpoint
+    chunk (a config tuned for inference may use longer chunks than training checkpoints)."""
+    g, r = cfg["BLOCK_G"], cfg["BLOCK_R"]
+    while chunk % (g * r) and g > 1:
+        g //= 2
+    while chunk % (g * r) and r > 2:
+        r //= 2
+    return {**cfg, "BLOCK_G": g, "BLOCK_R": r}
+
+
+def bc_layout(M: Tensor, dim: int) -> tuple[bool, int, int, tuple[int, int, int, int]]:
+    """(variable, groups, channels per group, strides (b, g, n, l)) of a B or C argument.
+
+    Fixed ``(dim, N)`` puts the dim stride in the ``g`` slot (the kernels index it by channel).
+    """
+    if M.dim() == 2:
+        return False, 1, dim, (0, M.stride(0), M.stride(1), 0)
+    if M.dim() == 3:
+        return True, 1, dim, (M.stride(0), 0, M.stride(1), M.stride(2))
+    G = M.shape[1]
+    return True, G, dim // G, (M.stride(0), M.stride(1), M.stride(2), M.stride(3))
+
+
+def _group_aligned_block(block_d: int, dim: int, *bcs: tuple) -> int:
+    """Largest power of two <= block_d with every channel block inside one group of B and C."""
+    for var, groups, cpg, _ in bcs:
+        if var and groups > 1:
+            block_d = min(block_d, cpg & -cpg)
+    return block_d
+
+
+def _opt_strides(t: Tensor | None, n: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def selective_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    delta_softplus: bool,
+    chunk: int,
+    store_ckpt: bool,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel; returns ``(out, last_state, ckpt)``.
+
+    ``out`` (batch, dim, L) in u's dtype, ``last_state`` (batch, dim, N) fp32, ``ckpt``
+    (batch, ceil(L / chunk), N, dim) fp32: the state after every ``chunk``-th step (the last
+    entry is the final state); ``(batch, 0, N, dim)`` when ``store_ckpt`` is False.
+    """
+    from scanopt.ops.selective_scan.kernels import selective_scan_fwd_kernel
+
+    ensure_interpreter_compat()
+
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    cfg = resolve_config(
+        "fwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
+        device_type=u.device.type,
+    )  # fmt: skip
+    if store_ckpt and not (config and {"BLOCK_G", "BLOCK_R"} <= set(config)):
+        cfg = _fit_chunk(cfg, chunk)
+    bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
+    BD = _group_aligned_block(cfg["BLOCK_D"], dim, bcb, bcc)
+    BL = cfg["BLOCK_G"] * cfg["BLOCK_R"]
+    if store_ckpt and chunk % BL:
+        raise ValueError(
+            f"the forward's chunk BLOCK_G*BLOCK_R={BL} must divide the checkpoint chunk {chunk}"
+        )
+    n_ck = cdiv(L, chunk) if store_ckpt else 0
+    out = empty((batch, dim, L), u.dtype, u.device)
+    state = empty((batch, N, dim), torch.float32, u.device)
+    ckpt = empty((batch, n_ck, N, dim), torch.float32, u.device)
+    grid = (batch, cdiv(dim, BD))
+    selective_scan_fwd_kernel[grid](
+        u, delta, A, B, C, D, z, delta_bias, initial_state, out, state, ckpt,
+        dim, L, N, n_ck, bcb[2], bcc[2],
+        *u.stride(), *delta.stride(), *_opt_strides(z, 3),
+        *A.stride(), *bcb[3], *bcc[3],
+        D.stride(0) if D is not None else 0,
+        delta_bias.stride(0) if delta_bias is not None else 0,
+        *_opt_strides(initial_state, 3),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
+        B_VAR=bcb[0], C_VAR=bcc[0], STORE_CKPT=bool(store_ckpt),
+        BLOCK_D=BD, BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
+        CK=chunk if store_ckpt else BL,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out, state.transpose(1, 2).contiguous(), ckpt
+
+
+def selective_scan_bwd(
+    dout: Tensor,
+    dlast: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    ckpt: Tensor,
+    delta_softplus: bool,
+    chunk: int,
+    config: dict | None = None,
+) -> dict[str, Tensor | None]:
+    """Launch the backward kernel and reduce its partial sums (in a fixed order, so every run
+    gives the same bits). Returns fp32 gradients keyed like the forward's arguments (``None``
+    for an absent optional input); the caller casts them to the input dtypes.
+
+    ``ckpt`` must come from :func:`selective_scan_fwd` with the same ``chunk``; the backward's
+    chunk ``BLOCK_G * BLOCK_R`` is ``chunk`` (one of the two follows from the other when only one
+    is given).
+    """
+    from scanopt.ops.selective_scan.kernels import selective_scan_bwd_kernel
+
+    ensure_interpreter_compat()
+
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    cfg = resolve_config(
+        "bwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
+        device_type=u.device.type,
+    )  # fmt: skip
+    if cfg["BLOCK_G"] * cfg["BLOCK_R"] != chunk:
+        given = set(config or ()) & {"BLOCK_G", "BLOCK_R"}
+        if len(given) == 2:
+            raise ValueError(
+                f"the backward's chunk BLOCK_G*BLOCK_R={cfg['BLOCK_G'] * cfg['BLOCK_R']} must "
+                f"equal the checkpoint chunk {chunk}"
+            )
+        if "BLOCK_G" in given:
+            cfg["BLOCK_R"] = max(2, chunk // cfg["BLOCK_G"])
+        else:
+            cfg["BLOCK_G"] = max(1, chunk // cfg["BLOCK_R"])
+        if cfg["BLOCK_G"] * cfg["BLOCK_R"] != chunk:
+            raise ValueError(f"the checkpoint chunk {chunk} does not split into BLOCK_G * BLOCK_R")
+    n_ck = cdiv(L, chunk)
+    if tuple(ckpt.shape) != (batch, n_ck, N, dim):
+        raise ValueError(f"ckpt must have shape {(batch, n_ck, N, dim)}, got {tuple(ckpt.shape)}")
+    bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
+    BD = _group_aligned_block(cfg["BLOCK_D"], dim, bcb, bcc)
+    n_dblk = cdiv(dim, BD)
+    dev = u.device
+    f32 = torch.float32
+    du = empty((batch, dim, L), u.dtype, dev)
+    ddelta = empty((batch, dim, L), delta.dtype, dev)
+    dz = empty((batch, dim, L), z.dtype, dev) if z is not None else None
+    G, BL = cfg["BLOCK_G"], chunk
+    adj = empty((batch, N, dim), f32, dev)
+    dA = empty((batch, N, G, dim), f32, dev)
+    dB = empty((batch, n_dblk, N, L) if bcb[0] else (batch, N, G, dim), f32, dev)
+    dC = empty((batch, n_dblk, N, L) if bcc[0] else (batch, N, G, dim), f32, dev)
+    dD = empty((batch, BL, dim), f32, dev) if D is not None else None
+    dbias = empty((batch, BL, dim), f32, dev) if delta_bias is not None else None
+    grid = (batch, n_dblk)
+    selective_scan_bwd_kernel[grid](
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt,
+        du, ddelta, dz, adj, dA, dB, dC, dD, dbias,
+        dim, L, N, n_ck, bcb[2], bcc[2],
+        *dout.stride(), *u.stride(), *delta.stride(), *_opt_strides(z, 3),
+        *A.stride(), *bcb[3], *bcc[3],
+        D.stride(0) if D is not None else 0,
+        delta_bias.stride(0) if delta_bias is not None else 0,
+        *_opt_strides(initial_state, 3), *_opt_strides(dlast, 3),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
+        HAS_DLAST=dlast is not None, B_VAR=bcb[0], C_VAR=bcc[0],
+        BLOCK_D=BD, BLOCK_G=G, BLOCK_R=cfg["BLOCK_R"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return {
+        "u": du,
+        "delta": ddelta,
+        "A": dA.sum((0, 2)).t().contiguous(),
+        "B": _reduce_bc(dB, B, bcb, batch),
+        "C": _reduce_bc(dC, C, bcc, batch),
+        "D": dD.sum((0, 1)) if dD is not None else None,
+        "z": dz,
+        "delta_bias": dbias.sum((0, 1)) if dbias is not None else None,
+        "initial_state": adj.transpose(1, 2).contiguous() if initial_state is not None else None,
+    }
+
+
+def _reduce_bc(part: Tensor, M: Tensor, layout: tuple, batch: int) -> Tensor:
+    """Sum a dB/dC partial buffer back to the argument's own shape (fp32)."""
+    var, groups = layout[0], layout[1]
+    if not var:
+        return part.sum((0, 2)).t().contiguous()  # (batch, N, G, dim) -> (dim, N)
+    n_dblk, N, L = part.shape[1:]
+    red = part.view(batch, groups, n_dblk // groups, N, L).sum(2)  # (batch, G, N, L)
+    return red.view(M.shape)
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    state_batch_indices: Tensor | None,
+    config: dict | None = None,
+) -> Tensor:
+    """Launch the decode step on head-layout views (state (b_state, H, dim, N), x/dt/z
+    (batch, H, dim), A (H, dim, N), B/C (batch, G, N), D/dt_bias (H, dim)); updates ``state``
+    in place and returns out (batch, H, dim) in x's dtype."""
+    from scanopt.ops.selective_scan.kernels import selective_state_update_kernel
+
+    ensure_interpreter_compat()
+
+    batch, nheads, dim = x.shape
+    N = state.shape[-1]
+    cfg = resolve_config("update", config, dim=dim, N=N, dtype=x.dtype)
+    BD = min(cfg["BLOCK_D"], next_pow2(dim))
+    out = empty((batch, nheads, dim), x.dtype, x.device)
+    grid = (batch, nheads, cdiv(dim, BD))
+    selective_state_update_kernel[grid](
+        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
+        nheads, dim, N, nheads // B.shape[1],
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *_opt_strides(D, 2), *_opt_strides(z, 3), *_opt_strides(dt_bias, 2), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), HAS_IDX=state_batch_indices is not None,
+        BLOCK_D=BD, BLOCK_N=next_pow2(N), num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out

@@ -1,0 +1,514 @@
+"""Mamba-1 selective scan (``scanopt.selective_scan_fn``) and its decode step
+(``scanopt.selective_state_update``): forward, last state and every gradient against the float64
+reference with the verify rule, for every B/C layout and option; launch configs; the torch
+backend; errors; opcheck and torch.compile. CPU tests run the Triton kernels through the
+interpreter (fp32 and fp16; bf16 only on the GPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+import scanopt
+from scanopt._env import interpreting
+from scanopt.ops.selective_scan import launch, op
+from scanopt.reference import selective_scan_bwd, selective_scan_fwd
+from scanopt.verify import Report, to_numpy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_patches():
+    """Two test-only patches of Triton's CPU interpreter (the kernels are unchanged):
+
+    - ``tl.associative_scan`` with a user combine function runs one element at a time (~50 us
+      each); this folds along the scan axis with the same combine, vectorised over the other
+      axes (same order of operations, same results): the CPU tests run ~20x faster.
+    - ``tl.exp2`` is NumPy's float32 ``exp2``, whose error is correlated across nearby
+      arguments, so over 1000 steps of one channel it drifts about twice as far as a correctly
+      rounded exp and fails the fp32 rule by a hair. The patch rounds the float64 result. The
+      GPU's ``ex2.approx`` is what it is; the GPU tests measure it.
+    """
+    if not interpreting():
+        yield
+        return
+    import triton.runtime.interpreter as interp
+
+    def generic_scan(self, input):
+        datas = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]
+        outs = [np.empty_like(d) for d in datas]
+        acc = None
+        for i in range(datas[0].shape[0]):
+            cur = tuple(self.to_tensor(d[i], arg.dtype) for d, arg in zip(datas, input))
+            if acc is None:
+                acc = cur
+            else:
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = ret if isinstance(ret, tuple) else (ret,)
+            for o, a in zip(outs, acc):
+                o[i] = np.reshape(a.handle.data, o[i].shape)
+        return [self.to_tensor(np.moveaxis(o, 0, self.axis), a.dtype) for o, a in zip(outs, input)]
+
+    def exp2(self, arg):
+        return self.unary_op(arg, lambda x: np.exp2(x.astype(np.float64)).astype(x.dtype))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interp.ScanOps, "generic_scan", generic_scan)
+        mp.setattr(interp.InterpreterBuilder, "create_exp2", exp2)
+        yield
+
+
+F32, F16 = torch.float32, torch.float16
+ALL = dict(D=True, z=True, delta_bias=True, delta_softplus=True)
+NONE = dict(D=False, z=False, delta_bias=False, delta_softplus=False)
+
+# (batch, dim, L, N, dtype, B kind, C kind, groups, options, initial_state)
+CASES = [
+    (2, 5, 1, 16, F32, "variable", "variable", 1, ALL, True),
+    (1, 5, 1, 1, F16, "fixed", "fixed", 1, NONE, False),
+    (2, 5, 63, 16, F32, "variable", "fixed", 1, ALL, True),
+    (2, 5, 63, 1, F32, "fixed", "variable", 1, ALL, False),
+    (1, 5, 63, 16, F16, "variable", "variable", 1, ALL, True),
+    (2, 6, 63, 16, F16, "grouped", "variable", 3, ALL, False),
+    (1, 6, 63, 5, F32, "grouped", "grouped", 2, ALL, True),  # 3 channels per group
+    (2, 5, 63, 16, F32, "variable", "variable", 1, dict(NONE, delta_softplus=True), True),
+    (1, 5, 63, 3, F16, "fixed", "grouped", 5, dict(ALL, z=False), False),
+    (1, 5, 1025, 16, F16, "variable", "variable", 1, ALL, True),
+    (1, 5, 1025, 4, F16, "fixed", "grouped", 5, dict(ALL, D=False), False),
+    (1, 5, 1025, 16, F32, "variable", "variable", 1, dict(ALL, delta_bias=False), False),
+]
+
+
+def _case_id(c):
+    batch, dim, L, N, dtype, bk, ck, G, opts, h0 = c
+    flags = "".join(k[0] for k, v in opts.items() if v)
+    return f"b{batch}-d{dim}-L{L}-N{N}-{str(dtype)[6:]}-B{bk[:3]}-C{ck[:3]}-G{G}-{flags}-h0{h0:d}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_scan_matches_reference(device, case):
+    batch, dim, L, N, dtype, bk, ck, G, opts, h0 = case
+    x = op.make_inputs(batch, dim, L, N, dtype=dtype, device=device, B_kind=bk, C_kind=ck,
+                       groups=G, initial_state=h0, seed=L + N, **opts)  # fmt: skip
+    op.check_case(x, _case_id(case)).assert_ok()
+
+
+def _launch_grads(x, fwd_cfg, chunk, bwd_cfg=None):
+    """Forward + backward straight through the launchers (fp32 results)."""
+    args = [x[n] for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    out, last, ckpt = launch.selective_scan_fwd(*args, True, chunk, True, config=fwd_cfg)
+    grads = launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, chunk,
+                                      config=bwd_cfg)  # fmt: skip
+    return out, last, ckpt, grads
+
+
+@pytest.mark.parametrize(
+    "fwd_cfg,chunk,bwd_cfg,L",
+    [
+        # several forward chunks per checkpoint; the backward derives BLOCK_G from the chunk
+        ({"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2}, 32, {"BLOCK_D": 4, "BLOCK_R": 2}, 75),
+        # one group per chunk
+        ({"BLOCK_G": 1, "BLOCK_R": 16, "BLOCK_D": 8}, 16, {"BLOCK_D": 1}, 75),
+        ({"BLOCK_G": 8, "BLOCK_R": 2, "BLOCK_D": 4}, 16, {"BLOCK_G": 4, "BLOCK_D": 8}, 75),
+        # the GPU defaults (8 groups of 16 steps), three chunks
+        (
+            {"BLOCK_G": 8, "BLOCK_R": 16, "BLOCK_D": 4, "num_warps": 1},
+            128,
+            {"BLOCK_R": 16, "BLOCK_D": 32, "num_warps": 8},
+            300,
+        ),
+    ],
+)
+def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L):
+    x = op.make_inputs(2, 7, L, 6, device=device, initial_state=True, seed=chunk)
+    out, last, ckpt, grads = _launch_grads(x, fwd_cfg, chunk, bwd_cfg)
+    np_in = {n: to_numpy(x[n]) for n in op._TENSORS}
+    ref_out, ref_last = selective_scan_fwd(delta_softplus=True, **np_in)
+    ref_g = selective_scan_bwd(to_numpy(x["dout"]), delta_softplus=True,
+                               dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
+    report = Report("selective_scan", f"{fwd_cfg}-{chunk}-{bwd_cfg}")
+    report.check("out", out, ref_out)
+    report.check("last_state", last, ref_last)
+    for name in op._TENSORS:
+        report.check(f"d{name}", grads[name], ref_g[name])
+    report.assert_ok()
+    # ckpt[k] is the state after step (k+1)*chunk - 1; the last one after step L-1
+    ref_states = []
+    for stop in [*range(chunk, L, chunk), L]:
+        sl = {n: v[..., :stop] if n in ("u", "delta", "z", "B", "C") and v.ndim >= 3 else v
+              for n, v in np_in.items()}  # fmt: skip
+        ref_states.append(selective_scan_fwd(delta_softplus=True, **sl)[1])
+    assert ckpt.shape == (2, len(ref_states), 6, 7)  # (batch, n_ck, N, dim)
+    np.testing.assert_allclose(to_numpy(ckpt.transpose(2, 3)), np.stack(ref_states, 1),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="must equal the checkpoint chunk"):
+        launch.selective_scan_bwd(x["dout"], None, *[x[n] for n in op._TENSORS], ckpt, True,
+                                  chunk, config={"BLOCK_G": chunk, "BLOCK_R": 2})  # fmt: skip
+    with pytest.raises(ValueError, match="must divide the checkpoint chunk"):
+        launch.selective_scan_fwd(*[x[n] for n in op._TENSORS], True, chunk, True,
+                                  config={"BLOCK_G": chunk, "BLOCK_R": 4})  # fmt: skip
+
+
+def test_outputs_are_fully_written(device):
+    # outputs are allocated NaN-poisoned (SCANOPT_POISON=1 in conftest): any gap would show
+    x = op.make_inputs(2, 9, 70, 16, device=device, B_kind="grouped", groups=3, seed=1)
+    out, last, grads = op.run_case(x)
+    for t in (out, last, *grads.values()):
+        assert torch.isfinite(t).all()
+
+
+def test_last_state_gradient_alone(device):
+    x = op.make_inputs(1, 5, 40, 8, device=device, initial_state=True, seed=2)
+    leaves = {n: x[n].clone().requires_grad_() for n in op._TENSORS}
+    _, last = scanopt.selective_scan_fn(delta_softplus=True, return_last_state=True, **leaves)
+    (last * x["dlast"]).sum().backward()
+    np_in = {n: to_numpy(x[n]) for n in op._TENSORS}
+    ref = selective_scan_bwd(np.zeros(x["u"].shape), delta_softplus=True,
+                             dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
+    report = Report("selective_scan", "dlast only")
+    for n in op._TENSORS:
+        report.check(f"d{n}", leaves[n].grad, ref[n])
+    report.assert_ok()
+
+
+def test_backward_is_deterministic(device):
+    x = op.make_inputs(2, 40, 130, 16, device=device, seed=3)
+    _, _, g1 = op.run_case(x)
+    _, _, g2 = op.run_case(x)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+def test_strided_inputs(device):
+    """HF passes B/C as (b, L, N) transposed to (b, N, L); u/delta may be slices of a wider
+    projection (only the last dim contiguous, or not even that)."""
+    batch, dim, L, N = 2, 5, 37, 4
+    x = op.make_inputs(batch, dim, L, N, device=device, initial_state=True, seed=4)
+    proj = torch.randn(batch, 3 * dim, L, device=device)
+    proj[:, ::3] = x["u"]
+    x_strided = dict(x, u=proj[:, ::3])
+    x_strided["B"] = x["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    x_strided["C"] = x["C"].transpose(1, 2).contiguous().transpose(1, 2)
+    x_strided["delta"] = x["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert x_strided["B"].stride(-1) != 1 and x_strided["u"].stride(1) == 3 * L
+    ref = op.run_case(x)
+    got = op.run_case(x_strided)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-6)
+    for n in ref[2]:
+        torch.testing.assert_close(got[2][n], ref[2][n], rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_returns_plain_output_and_stores_no_checkpoints(device, monkeypatch):
+    x = op.make_inputs(1, 5, 20, 4, device=device, seed=5)
+    seen = []
+    real = launch.selective_scan_fwd
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        seen.append(res[2].shape)
+        return res
+
+    monkeypatch.setattr(launch, "selective_scan_fwd", spy)
+    kw = {n: x[n] for n in op._TENSORS}
+    with torch.no_grad():
+        out = scanopt.selective_scan_fn(delta_softplus=True, **kw)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 5, 20) and out.dtype == x["u"].dtype
+    if seen:  # the Triton path ran
+        assert seen[0][1] == 0
+
+
+def test_torch_backend(device, monkeypatch):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    for bk, ck, G in (("variable", "fixed", 1), ("grouped", "grouped", 3)):
+        x = op.make_inputs(2, 6, 50, 8, device=device, B_kind=bk, C_kind=ck, groups=G,
+                           initial_state=True, seed=6)  # fmt: skip
+        op.check_case(x, f"torch-{bk}-{ck}").assert_ok()
+
+
+def test_torch_backend_agrees_with_kernels(device):
+    x = op.make_inputs(2, 6, 45, 16, dtype=torch.float16, device=device, initial_state=True)
+    out, last, grads = op.run_case(x)
+    with op._backend("torch"):
+        b_out, b_last, b_grads = op.run_case(x)
+    torch.testing.assert_close(out, b_out, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(last, b_last, rtol=1e-5, atol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads[n], b_grads[n], rtol=3e-3, atol=3e-3)
+
+
+def _scan_args(**over):
+    x = op.make_inputs(2, 6, 10, 4, B_kind="grouped", groups=2, initial_state=True)
+    kw = {n: x[n] for n in op._TENSORS}
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(u=torch.randn(6, 10)), ValueError, "u must have 3 dimensions"),
+        (dict(delta=torch.randn(2, 6, 11)), ValueError, "delta must have shape"),
+        (dict(A=torch.randn(5, 4)), ValueError, "A must have shape"),
+        (dict(A=torch.randn(6, 4, dtype=torch.float16)), TypeError, "A must be float32"),
+        (dict(A=torch.randn(6, 4, dtype=torch.complex64)), TypeError, "A must be float32"),
+        (dict(u=torch.ones(2, 6, 10, dtype=torch.int32)), TypeError, "u must be"),
+        (dict(B=torch.randn(2, 4, 4, 10)), ValueError, "B: the group count G=4"),
+        (dict(C=torch.randn(2, 4, 9)), ValueError, "C must have shape"),
+        (dict(C=torch.randn(2, 2, 3, 4, 10)), ValueError, "C must have 2 or 3 or 4 dimensions"),
+        (dict(D=torch.randn(5)), ValueError, "D must have shape"),
+        (dict(z=torch.randn(2, 6, 9)), ValueError, "z must have shape"),
+        (dict(delta_bias=torch.randn(6, 1)), ValueError, "delta_bias must have shape"),
+        (dict(initial_state=torch.randn(2, 6, 5)), ValueError, "initial_state must have shape"),
+        (dict(z=torch.randn(2, 6, 10, device="meta")), ValueError, "z is on meta"),
+        (
+            dict(
+                A=-torch.rand(6, 257),
+                B=torch.randn(6, 257),
+                C=torch.randn(6, 257),
+                initial_state=None,
+            ),
+            ValueError,
+            "N=257",
+        ),  # fmt: skip
+        (dict(u=torch.randn(2, 6, 0), delta=torch.randn(2, 6, 0)), ValueError, "L must be"),
+    ],
+)
+def test_bad_inputs(over, exc, match):
+    with pytest.raises(exc, match=match):
+        scanopt.selective_scan_fn(**_scan_args(**over))
+
+
+def test_opcheck(monkeypatch):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    x = op.make_inputs(2, 4, 9, 3, B_kind="grouped", groups=2, initial_state=True)
+    args = [x[n].requires_grad_() for n in op._TENSORS]
+    torch.library.opcheck(torch.ops.scanopt.selective_scan_fwd.default, (*args, True, 4, True))
+    torch.library.opcheck(torch.ops.scanopt.selective_scan_fwd.default, (*args, True, 4, False))
+    raw = [t.detach() for t in args]
+    _, _, ckpt = torch.ops.scanopt.selective_scan_fwd(*raw, True, 4, True)
+    torch.library.opcheck(
+        torch.ops.scanopt.selective_scan_bwd.default,
+        (x["dout"], x["dlast"], *raw, ckpt, True, 4),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    u = op.make_update_inputs(2, 4, 8, 16, ngroups=2)
+    torch.library.opcheck(
+        torch.ops.scanopt.selective_state_update.default,
+        (u["state"], u["x"], u["dt"], u["A"], u["B"], u["C"], u["D"], u["z"], u["dt_bias"],
+         True, None),
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+
+
+class _MambaBlock(torch.nn.Module):
+    """in_proj -> (x, z); x_proj -> (dt, B, C); selective_scan_fn; out_proj."""
+
+    def __init__(self, d_model=8, dim=12, N=4):
+        super().__init__()
+        self.dim, self.N = dim, N
+        self.in_proj = torch.nn.Linear(d_model, 2 * dim)
+        self.x_proj = torch.nn.Linear(dim, dim + 2 * N)
+        self.A_log = torch.nn.Parameter(torch.randn(dim, N))
+        self.D = torch.nn.Parameter(torch.ones(dim))
+        self.dt_bias = torch.nn.Parameter(torch.rand(dim))
+        self.out_proj = torch.nn.Linear(dim, d_model)
+
+    def forward(self, h):
+        x, z = self.in_proj(h).chunk(2, dim=-1)
+        dt, B, C = self.x_proj(x).split([self.dim, self.N, self.N], dim=-1)
+        y, last = scanopt.selective_scan_fn(
+            x.transpose(1, 2), dt.transpose(1, 2), -torch.exp(self.A_log), B.transpose(1, 2),
+            C.transpose(1, 2), self.D, z.transpose(1, 2), self.dt_bias, delta_softplus=True,
+            return_last_state=True,
+        )  # fmt: skip
+        return self.out_proj(y.transpose(1, 2)), last
+
+
+def test_torch_compile_fullgraph_mamba_block(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    # a fresh compile cache: a graph compiled against an older version of the op's fake
+    # implementation must not be reused
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    block = _MambaBlock()
+    h = torch.randn(2, 9, 8)
+
+    def run(fn):
+        block.zero_grad()
+        y, last = fn(h)
+        (y.square().sum() + last.sum()).backward()
+        return y.detach(), last.detach(), [p.grad.clone() for p in block.parameters()]
+
+    ref = run(block)
+    torch._dynamo.reset()
+    got = run(torch.compile(block, fullgraph=True, backend="inductor"))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for g, r in zip(got[2], ref[2]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_self_check_quick(device):
+    for report in op.self_check(device, quick=True):
+        report.assert_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# decode step
+
+
+@pytest.mark.parametrize(
+    "nheads,ngroups,dtype,state_dtype",
+    [
+        (None, 1, F32, None),
+        (None, 1, F16, F32),
+        (4, 2, F32, None),
+        (3, 3, F16, None),
+        (2, 1, F16, F32),
+    ],
+)
+def test_state_update_matches_reference(device, nheads, ngroups, dtype, state_dtype):
+    x = op.make_update_inputs(3, nheads, 37, 16, ngroups=ngroups, dtype=dtype,
+                              state_dtype=state_dtype, device=device, seed=ngroups)  # fmt: skip
+    op.check_update_case(x, f"h{nheads}-g{ngroups}").assert_ok()
+    op.check_update_case(x, f"h{nheads}-g{ngroups}-nosoftplus", dt_softplus=False).assert_ok()
+
+
+def test_state_update_in_place_and_tied_heads(device):
+    """Mamba-2's decode call: stride-0 expanded A / dt / dt_bias / D (one value per head)."""
+    batch, nheads, hd, N = 2, 4, 8, 16
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(batch, nheads, hd, N, generator=g).to(device)
+    A = (-torch.rand(nheads, generator=g)).to(device)[:, None, None].expand(nheads, hd, N)
+    dt = torch.randn(batch, nheads, generator=g).to(device)[..., None].expand(batch, nheads, hd)
+    bias = torch.randn(nheads, generator=g).to(device)[:, None].expand(nheads, hd)
+    D = torch.randn(nheads, generator=g).to(device)[:, None].expand(nheads, hd)
+    x = torch.randn(batch, nheads, hd, generator=g).to(device)
+    B = torch.randn(batch, 1, N, generator=g).to(device)
+    C = torch.randn(batch, 1, N, generator=g).to(device)
+    kw = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=bias, dt_softplus=True)
+    before = state.clone()
+    ptr = state.data_ptr()
+    out = scanopt.selective_state_update(state, **kw)
+    from scanopt.reference import selective_state_update_fwd
+
+    ref_out, ref_state = selective_state_update_fwd(
+        to_numpy(before), *(to_numpy(kw[n]) for n in ("x", "dt", "A", "B", "C", "D")),
+        dt_bias=to_numpy(bias), dt_softplus=True,
+    )  # fmt: skip
+    assert state.data_ptr() == ptr
+    np.testing.assert_allclose(to_numpy(state), ref_state, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(out), ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_state_update_batch_indices(device):
+    x = op.make_update_inputs(3, None, 20, 8, device=device, seed=7)
+    pool = torch.randn(5, 20, 8, device=device)
+    idx = torch.tensor([4, -1, 1], device=device)
+    from scanopt.reference import selective_state_update_fwd
+
+    rows = pool[[4, 1]].clone()
+    sel = [0, 2]
+    ref_out, ref_state = selective_state_update_fwd(
+        to_numpy(rows), *(to_numpy(x[n][sel]) for n in ("x", "dt")), to_numpy(x["A"]),
+        *(to_numpy(x[n][sel]) for n in ("B", "C")), to_numpy(x["D"]), to_numpy(x["z"][sel]),
+        to_numpy(x["dt_bias"]), dt_softplus=True,
+    )  # fmt: skip
+    untouched = pool[[0, 2, 3]].clone()
+    kw = {n: x[n] for n in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")}
+    out = scanopt.selective_state_update(pool, **kw, dt_softplus=True, state_batch_indices=idx)
+    np.testing.assert_allclose(to_numpy(pool[[4, 1]]), ref_state, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(out[sel]), ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(pool[[0, 2, 3]], untouched)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(x=torch.randn(2, 7)), "x must have shape"),
+        (dict(A=torch.randn(6, 5)), "A must have shape"),
+        (dict(B=torch.randn(2, 3, 4), C=torch.randn(2, 3, 4)), "divisible by ngroups"),
+        (dict(dt=torch.ones(2, 6, dtype=torch.int64)), "dt must be"),
+        (dict(state=torch.randn(2, 6)), "state must have 3 or 4 dimensions"),
+        (dict(D=torch.randn(6, device="meta")), "D is on meta"),
+    ],
+)
+def test_state_update_bad_inputs(over, match):
+    x = op.make_update_inputs(2, None, 6, 4)
+    x.update(over)
+    with pytest.raises((ValueError, TypeError), match=match):
+        scanopt.selective_state_update(**x)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (bf16, long sequences); run on the H200 with `pytest -m gpu`
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [1, 2048, 4096, 16384])
+def test_gpu_bf16_long(L):
+    x = op.make_inputs(2, 64, L, 16, dtype=torch.bfloat16, device="cuda", initial_state=True,
+                       seed=L)  # fmt: skip
+    op.check_case(x, f"bf16-L{L}").assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "bk,ck,G,dtype",
+    [
+        ("grouped", "grouped", 4, torch.bfloat16),
+        ("fixed", "variable", 1, torch.bfloat16),
+        ("variable", "variable", 1, torch.float16),
+        ("variable", "fixed", 1, torch.float32),
+    ],
+)
+def test_gpu_layouts_dtypes(bk, ck, G, dtype):
+    # fp32 at a moderate length: the GPU's exp2 (ex2.approx, ~2 ulp) is less exact than torch's
+    # exp, and its error accumulates along a slowly decaying state
+    L = 1000 if dtype == torch.float32 else 3000
+    x = op.make_inputs(2, 256, L, 16, dtype=dtype, device="cuda", B_kind=bk, C_kind=ck,
+                       groups=G, seed=G)  # fmt: skip
+    op.check_case(x, f"{bk}-{ck}-G{G}-{dtype}").assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 4, 64, 256])
+def test_gpu_state_sizes(N):
+    x = op.make_inputs(1, 96, 777, N, dtype=torch.bfloat16, device="cuda", initial_state=True)
+    op.check_case(x, f"N{N}").assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nheads,dim", [(None, 2048), (None, 2064), (64, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_state_update(nheads, dim, dtype):
+    x = op.make_update_inputs(4, nheads, dim, 16, ngroups=8 if nheads else 1, dtype=dtype,
+                              device="cuda")  # fmt: skip
+    op.check_update_case(x, f"h{nheads}-d{dim}").assert_ok()
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_anchor_width():
+    x = op.make_inputs(2, 2048, 1024, 16, dtype=torch.bfloat16, device="cuda")
+    _, _, g1 = op.run_case(x)
+    _, _, g2 = op.run_case(x)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.gpu
+def test_gpu_self_check():
+    for report in op.self_check("cuda", quick=False):
+        report.assert_ok()
+
+
+@pytest.mark.parametrize(
+    ("g", "r", "chunk", "want"),
+    [(32, 16, 128, (8, 16)), (8, 16, 128, (8, 16)), (1, 32, 16, (1, 16)), (4, 4, 64, (4, 4))],
+)
+def test_tuned_forward_chunk_is_fitted_to_the_checkpoint_interval(g, r, chunk, want):
+    from scanopt.ops.selective_scan.launch import _fit_chunk
+
+    cfg = _fit_chunk({"BLOCK_D": 1, "BLOCK_G": g, "BLOCK_R": r, "num_warps": 1}, chunk)
+    assert (cfg["BLOCK_G"], cfg["BLOCK_R"]) == want
+    assert chunk % (cfg["BLOCK_G"] * cfg["BLOCK_R"]) == 0
