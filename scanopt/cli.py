@@ -1,4 +1,4 @@
-"""The ``scanopt`` command line: ``info``, ``verify`` and ``bench``.
+"""The ``scanopt`` command line: ``info``, ``verify``, ``bench``, ``tune`` and ``configs``.
 
 Heavy imports (torch, triton, the kernels) happen inside the sub-commands, after the command
 line is parsed, so ``--help`` is instant and ``verify`` can switch on Triton's interpreter
@@ -157,12 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_verify.add_argument("--quick", action="store_true", help="small shapes only (always on CPU)")
     p_verify.set_defaults(func=cmd_verify)
 
-    try:
-        bench_cli = importlib.import_module("scanopt.bench.cli")
-    except ImportError:
-        bench_cli = None
-    if bench_cli is not None and hasattr(bench_cli, "register"):
-        bench_cli.register(sub)
+    for module in ("scanopt.bench.cli", "scanopt.autotune.cli"):
+        importlib.import_module(module).register(sub)
     return parser
 
 
