@@ -1,5 +1,5 @@
-"""Code shared by the WKV-6 and WKV-7 ops: argument checks, the checkpoint chunk, input
-generators for tests / ``self_check`` and a Triton-interpreter compatibility shim.
+"""Code shared by the WKV-6 and WKV-7 ops (and wkv4's launcher): argument checks, launch
+configs, the checkpoint chunk and input generators for tests / ``self_check``.
 
 Nothing here imports Triton at import time.
 """
@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-from scanopt._env import interpreting
 from scanopt._tensor import FLOAT_DTYPES, check_tensor
 
 #: largest key head size the fused-recurrent kernels hold in registers (state tile [K, BV])
@@ -44,8 +43,8 @@ def cdiv(x: int, y: int) -> int:
 
 #: the keys every launch config holds, per direction (the tuner's search space is over these)
 CONFIG_KEYS = {
-    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "num_warps", "num_stages"),
-    "bwd": ("MODE", "BT", "BV", "BW", "num_warps", "num_stages"),
+    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
+    "bwd": ("MODE", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
 }
 MODES = ("recurrent", "chunked")
 
@@ -64,39 +63,30 @@ def default_config(
     - ``CHUNK`` (forward only): steps between stored state checkpoints (16 for the chunked
       backward); the backward takes the chunk the checkpoints were written with.
     - ``BT`` (chunked): steps per chunk, a multiple of 16.
-    - ``BV``: width of the V-block one program owns (state tile ``[next_pow2(K), BV]`` fp32 in
-      registers). With ``BV < V`` the backward writes fp32 partial sums over V-blocks for the
-      K-side gradients and adds them afterwards (extra memory traffic).
+    - ``BV``: width of the V-block one program owns (its transposed state tile ``[BV, BK]``
+      fp32 lives in registers). With ``BV < V`` the backward writes fp32 partial sums over
+      V-blocks for the K-side gradients and adds them afterwards (extra memory traffic).
     - ``BW`` (chunked): columns per program of the chunk-transition kernel.
-    - ``num_warps``, ``num_stages``: as usual (``num_stages`` has no effect on these loops; they
-      prefetch one step ahead by hand).
+    - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth).
+    - ``num_warps``: 1 keeps every reduction over K inside a warp, so the loops have no
+      barriers; ``num_stages`` has no effect on these loops.
 
-    Block sizes and warps are chosen so the kernels compile for sm_90 without (or with small)
-    register spills, checked with ptxas through ``triton.compile``; the timing-based choice is
-    the tuner's.
+    Defaults were checked to compile for sm_90 without register spills (ptxas through
+    ``triton.compile``); the timing-based choice is the tuner's.
     """
     if direction not in CONFIG_KEYS:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     BK = max(16, next_pow2(K))
-    VP = next_pow2(V)
     if mode is None:
         mode = "chunked" if K <= 128 and T >= 256 else "recurrent"
-    BW = 32
-    if mode == "chunked":
-        BV = min(max(VP, 16), 32 if (direction == "fwd" or BK <= 64) else 16)
-        elems = BK * max(BV, BW) if direction == "fwd" else BK * BV
-    else:
-        BV = min(VP, 32 if BK <= 64 else 16)
-        elems = BK * BV
-    num_warps = 8 if elems >= 1024 else 4 if elems >= 256 else 2
-    if direction == "bwd" and BK > 64:
-        num_warps = 16  # K = 128: the backward's tiles fit 16 warps' registers, not 8
+    BV = min(max(next_pow2(V), 16), 16)
     cfg = {
         "MODE": mode,
         "BT": 64,
         "BV": BV,
-        "BW": BW,
-        "num_warps": num_warps,
+        "BW": 16,
+        "PF": 4 if direction == "fwd" else 2,
+        "num_warps": 1 if BK <= 64 else 2,
         "num_stages": 1,
     }
     if direction == "fwd":
@@ -118,7 +108,7 @@ def resolve_config(
         if unknown:
             raise ValueError(f"unknown {op} {direction} config keys: {sorted(unknown)}")
         cfg.update(config)
-    for key in ("BV", "CHUNK", "BT", "BW"):
+    for key in ("BV", "CHUNK", "BT", "BW", "PF"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
     if cfg["MODE"] == "chunked":
@@ -229,32 +219,3 @@ def log_decay(
     else:
         raise ValueError(f"unknown decay kind {kind!r}; known: {', '.join(kinds)}, mixed")
     return w.clamp(max=0.0).to(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Triton interpreter
-
-
-def ensure_interpreter_compat() -> None:
-    """Make ``range(0, T)`` over a runtime ``T`` work in Triton's interpreter with NumPy >= 2.3.
-
-    The interpreter (triton 3.6) stores scalar kernel arguments as 1-element 1-D arrays and
-    converts loop bounds with ``int(array)``, which NumPy 2.3+ rejects ("only 0-dimensional
-    arrays can be converted to Python scalars"). This wraps the interpreter's tensor patch so
-    ``__index__`` reads the single element. Applied only when ``TRITON_INTERPRET=1``, once, at
-    the first launch; it changes nothing on GPUs.
-    """
-    if not interpreting():
-        return
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-    if getattr(original, "_scanopt_compat", False):
-        return
-
-    def _patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _patch_lang_tensor._scanopt_compat = True  # type: ignore[attr-defined]
-    interp._patch_lang_tensor = _patch_lang_tensor

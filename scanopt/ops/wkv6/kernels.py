@@ -1,0 +1,638 @@
+"""Triton kernels for RWKV-6 WKV: fused recurrent and chunk-parallel, fp32 state in registers.
+
+Recurrence (fla's form, state ``h`` ``[K, V]`` per (batch, head), ``q = scale * r``):
+
+    o_t = (h_{t-1} + diag(u) k_t v_t^T)^T q_t = h_{t-1}^T q_t + (sum_k u k_t q_t) v_t
+    h_t = diag(exp(w_t)) h_{t-1} + k_t v_t^T
+
+Layout and loop structure as in ``scanopt/ops/wkv7/kernels.py``: each program owns one (batch,
+head, V-block) and holds the TRANSPOSED state ``h^T`` ``[BV, BK]`` with K along the lanes of one
+warp (no shared-memory conversions, no barriers in the loops), and every serial loop keeps the
+next ``PF`` steps' inputs in flight. Nothing is divided by a decay or exponentiated with a
+positive argument: exact in fp32 for any decay in (0, 1].
+
+Backward (``D`` = cotangent of h_t, ``c_t = v_t . do_t``, ``e_t = sum_k u k_t q_t``):
+
+    dq = h_{t-1} do_t + u k_t c_t             du += q_t k_t c_t            (summed over b, t)
+    dk = D v_t + u q_t c_t                    dv = D^T k_t + e_t do_t
+    dw = exp(w_t) * rowsum(D * h_{t-1})
+    D <- diag(exp(w_t)) D + q_t do_t^T
+
+Sums over V (dq, dk, dw, du, and c_t) are partial per V-block; the launcher adds them.
+
+Kernel families (config ``MODE``; same 16-step checkpoints as wkv7):
+
+- recurrent: ``wkv6_fwd_kernel``; ``wkv6_bwd_kernel`` (checkpointed pieces backwards, states
+  recomputed into a per-program work space);
+- chunked: over a chunk the transition is diagonal, h_end = diag(p_c) h_start + U_c with
+  p_c = prod_t exp(w_t) (a running product, not exp of a log-space sum whose differences would
+  cancel). ``wkv6_chunk_transition_kernel`` (parallel: U_c, p_c), ``wkv6_chunk_state_fwd_kernel``
+  (serial over chunks, elementwise), ``wkv6_chunk_out_kernel`` (parallel: o, checkpoints);
+  backward ``wkv6_chunk_adjoint_kernel`` (parallel: Y_c, p_c), ``wkv6_chunk_state_bwd_kernel``
+  (serial: dH <- diag(p_c) dH + Y_c), ``wkv6_chunk_bwd_kernel`` (parallel; 16-step pieces with
+  their states in registers).
+"""
+
+import triton
+import triton.language as tl
+
+# ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
+# (forward 15, recompute 14, adjoint 31, chunk adjoint 25)
+
+
+@triton.jit
+def _load_one(ptr, offset, mask, USED: tl.constexpr):
+    if USED:
+        return tl.load(ptr + offset, mask=mask, other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _load_step(xs, t, lo, hi, offs, idx, USE: tl.constexpr):
+    """The inputs (r, k, v, w, do) of step ``t`` in their stored dtypes; zeros when t is outside
+    [lo, hi); the scalar 0.0 for the inputs ``USE`` leaves out."""
+    r, k, v, w, do = xs
+    off_x, off_y, HK, HV = offs
+    o_k, o_v, m_k, m_v = idx
+    ok = (t >= lo) & (t < hi)
+    p_x = off_x + t * HK + o_k
+    p_y = off_y + t * HV + o_v
+    mk = m_k & ok
+    mv = m_v & ok
+    return (
+        _load_one(r, p_x, mk, (USE & 1) != 0),
+        _load_one(k, p_x, mk, (USE & 2) != 0),
+        _load_one(v, p_y, mv, (USE & 4) != 0),
+        _load_one(w, p_x, mk, (USE & 8) != 0),
+        _load_one(do, p_y, mv, (USE & 16) != 0),
+    )
+
+
+@triton.jit
+def _queue_init(xs, t0, step, lo, hi, offs, idx, PF: tl.constexpr, USE: tl.constexpr):
+    """The inputs of steps t0, t0 + step, ..., t0 + (PF - 1) step."""
+    q = ()
+    for j in tl.static_range(PF):
+        q = q + (_load_step(xs, t0 + j * step, lo, hi, offs, idx, USE),)
+    return q
+
+
+@triton.jit
+def _queue_next(q, xs, t, lo, hi, offs, idx, PF: tl.constexpr, USE: tl.constexpr):
+    """Drop the head of the queue and append the inputs of step ``t``."""
+    q2 = ()
+    for j in tl.static_range(1, PF):
+        q2 = q2 + (q[j],)
+    return q2 + (_load_step(xs, t, lo, hi, offs, idx, USE),)
+
+
+@triton.jit
+def _step(h, x_k, x_v, x_w):
+    """h^T [BV, BK] after one step (inputs as loaded)."""
+    b_d = tl.exp(x_w.to(tl.float32))
+    return h * b_d[None, :] + x_v.to(tl.float32)[:, None] * x_k.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _output(h, x_r, x_k, x_v, b_u, scale):
+    """o_t [BV] from h_{t-1}^T and the step's inputs."""
+    b_q = x_r.to(tl.float32) * scale
+    b_e = tl.sum(b_u * x_k.to(tl.float32) * b_q, 0)  # scalar: sum_k u k q
+    return tl.sum(h * b_q[None, :], 1) + b_e * x_v.to(tl.float32)
+
+
+@triton.jit
+def _adjoint(b_hp, b_dh, b_du, x, b_u, scale):
+    """Adjoint of one step from h_{t-1}^T (``b_hp``) and the cotangent of h_t^T (``b_dh``).
+    Returns (cotangent of h_{t-1}^T, running du, dq, dk, dw [BK] partial over this V-block,
+    dv [BV])."""
+    x_r, x_k, x_v, x_w, x_do = x
+    b_q = x_r.to(tl.float32) * scale
+    b_k = x_k.to(tl.float32)
+    b_v = x_v.to(tl.float32)
+    b_do = x_do.to(tl.float32)
+    b_d = tl.exp(x_w.to(tl.float32))
+    b_c = tl.sum(b_v * b_do, 0)  # scalar, partial over V: v . do
+    b_e = tl.sum(b_u * b_k * b_q, 0)  # scalar: sum_k u k q
+    b_dq = tl.sum(b_hp * b_do[:, None], 0) + b_u * b_k * b_c
+    b_du += b_q * b_k * b_c
+    b_dk = tl.sum(b_dh * b_v[:, None], 0) + b_u * b_q * b_c
+    b_dv = tl.sum(b_dh * b_k[None, :], 1) + b_e * b_do
+    b_dw = b_d * tl.sum(b_dh * b_hp, 0)
+    b_dh = b_dh * b_d[None, :] + b_do[:, None] * b_q[None, :]
+    return b_dh, b_du, b_dq * scale, b_dk, b_dw, b_dv
+
+
+@triton.jit
+def _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T):
+    """Store one step's gradients (``gs`` = (dr, dk, dw, dv) pointers)."""
+    dr, dk, dw, dv = gs
+    _, _, g_r, g_k, g_w, g_v = g
+    ok = (t >= 0) & (t < T)
+    p_x = off_part + off_x + t * HK + o_k
+    mk = m_k & ok
+    tl.store(dr + p_x, g_r.to(dr.dtype.element_ty), mask=mk)
+    tl.store(dk + p_x, g_k.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dw + p_x, g_w.to(dw.dtype.element_ty), mask=mk)
+    tl.store(dv + off_y + t * HV + o_v, g_v.to(dv.dtype.element_ty), mask=m_v & ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_fwd_kernel(
+    r,  # [B, T, H, K] receptance (query)
+    k,  # [B, T, H, K] key
+    v,  # [B, T, H, V] value
+    w,  # [B, T, H, K] log decay
+    u,  # [H, K] bonus of the current token
+    o,  # [B, T, H, V] output
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    ckpt,  # [B, H, NT, K, V] fp32 state before steps 0, CHUNK, 2 CHUNK, ... (when STORE_CKPT)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PF: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]  # [BV, BK] offsets of h^T inside a [K, V] state
+
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    b_h = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+
+    xs = (r, k, v, w, v)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    p_o = o + i_b * T * HV + i_h * V + o_v
+    NT = (T + CHUNK - 1) // CHUNK
+    p_c = ckpt + i_bh * NT * K * V + o_h
+
+    q = _queue_init(xs, 0, 1, 0, T, offs, idx, PF, 15)
+    for t in range(0, T):
+        if STORE_CKPT:
+            if t % CHUNK == 0:
+                tl.store(p_c, b_h, mask=m_h)
+                p_c += K * V
+        x_r, x_k, x_v, x_w, _ = q[0]
+        q = _queue_next(q, xs, t + PF, 0, T, offs, idx, PF, 15)
+        b_o = _output(b_h, x_r, x_k, x_v, b_u, scale)
+        b_h = _step(b_h, x_k, x_v, x_w)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        p_o += HV
+
+    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_bwd_kernel(
+    r,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K] log decay
+    u,  # [H, K]
+    do,  # [B, T, H, V] cotangent of o
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    ckpt,  # [B, H, NT, K, V] fp32 checkpoints written by the forward
+    work,  # [NV * B * H, CHUNK, BV, BK] fp32 work space
+    dr,  # [NV, B, T, H, K] (a plain [B, T, H, K] when NV == 1)
+    dk,  # [NV, B, T, H, K]
+    dw,  # [NV, B, T, H, K]
+    du,  # [NV, B, H, K] fp32 partial sums over T
+    dv,  # [B, T, H, V]
+    dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PF: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+    p_s = work + (i_v * n_bh + i_bh) * CHUNK * BV * BK
+    o_s = tl.arange(0, BV)[:, None] * BK + o_k[None, :]  # [BV, BK] inside one work-space slot
+
+    xs = (r, k, v, w, do)
+    gs = (dr, dk, dw, dv)
+    off_x = i_b * T * HK + i_h * K
+    off_y = i_b * T * HV + i_h * V
+    offs = (off_x, off_y, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    off_part = i_v * n_bh * T * K
+
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_du = tl.zeros([BK], dtype=tl.float32)
+    b_dh = tl.zeros([BV, BK], dtype=tl.float32)  # cotangent of h_t^T
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+
+    NT = (T + CHUNK - 1) // CHUNK
+    for i_c in range(0, NT):
+        c = NT - 1 - i_c
+        t0 = c * CHUNK
+        n = tl.minimum(t0 + CHUNK, T) - t0
+
+        # recompute h_{t-1} for every step of the piece into the work space
+        b_h = tl.load(ckpt + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        q = _queue_init(xs, t0, 1, t0, t0 + n, offs, idx, PF, 14)
+        for j in range(0, n):
+            tl.store(p_s + j * BV * BK + o_s, b_h)
+            _, x_k, x_v, x_w, _ = q[0]
+            q = _queue_next(q, xs, t0 + j + PF, t0, t0 + n, offs, idx, PF, 14)
+            b_h = _step(b_h, x_k, x_v, x_w)
+        tl.debug_barrier()
+
+        # adjoint over the piece, last step first
+        q = _queue_init(xs, t0 + n - 1, -1, t0, t0 + n, offs, idx, PF, 31)
+        x_hp = tl.load(p_s + (n - 1) * BV * BK + o_s)
+        for i in range(0, n):
+            t = t0 + n - 1 - i
+            b_hp = x_hp
+            x = q[0]
+            q = _queue_next(q, xs, t - PF, t0, t0 + n, offs, idx, PF, 31)
+            x_hp = tl.load(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s)
+            g = _adjoint(b_hp, b_dh, b_du, x, b_u, scale)
+            b_dh = g[0]
+            b_du = g[1]
+            _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)
+        tl.debug_barrier()
+
+    tl.store(du + (i_v * n_bh + i_bh) * K + o_k, b_du, mask=m_k)
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_h, b_dh.to(dh0.dtype.element_ty), mask=m_h)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk-parallel
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_chunk_transition_kernel(
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K] log decay
+    p,  # [B, H, NT, K] fp32 decay of the whole chunk, prod_t exp(w_t)
+    uc,  # [B, H, NT, K, V] fp32 chunk contribution U_c (the chunk's end state from zero)
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    PF: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NT = (T + BT - 1) // BT
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, T)
+    xs = (k, k, v, w, v)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    b_h = tl.zeros([BV, BK], dtype=tl.float32)
+    b_p = tl.full([BK], 1.0, dtype=tl.float32)
+    q = _queue_init(xs, t0, 1, t0, t1, offs, idx, PF, 14)
+    for t in range(t0, t1):
+        _, x_k, x_v, x_w, _ = q[0]
+        q = _queue_next(q, xs, t + PF, t0, t1, offs, idx, PF, 14)
+        b_h = _step(b_h, x_k, x_v, x_w)
+        b_p = b_p * tl.exp(x_w.to(tl.float32))
+    p_u = uc + (i_bh * NT + i_c) * K * V + o_k[None, :] * V + o_v[:, None]
+    tl.store(p_u, b_h, mask=m_v[:, None] & m_k[None, :])
+    if i_v == 0:
+        tl.store(p + (i_bh * NT + i_c) * K + o_k, b_p, mask=m_k)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_chunk_state_fwd_kernel(
+    p,  # [B, H, NT, K] fp32
+    uc,  # [B, H, NT, K, V] fp32
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    hbuf,  # [B, H, NS, K, V] fp32; chunk c's start state goes to slot c * RATIO
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    RATIO: tl.constexpr,
+    HAS_H0: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    NT = (T + BT - 1) // BT
+    NS = (T + BT // RATIO - 1) // (BT // RATIO)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_h = (o_v < V)[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+
+    b_h = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for c in range(0, NT):
+        tl.store(hbuf + (i_bh * NS + c * RATIO) * K * V + o_h, b_h, mask=m_h)
+        b_p = tl.load(p + (i_bh * NT + c) * K + o_k, mask=m_k, other=0.0)
+        b_uc = tl.load(uc + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        b_h = b_h * b_p[None, :] + b_uc
+    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_chunk_out_kernel(
+    r,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K]
+    u,  # [H, K] bonus
+    o,  # [B, T, H, V] output
+    hbuf,  # [B, H, NS, K, V] fp32: reads slot c * RATIO, writes the RATIO - 1 slots after it
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    RATIO: tl.constexpr,
+    PF: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    CK: tl.constexpr = BT // RATIO
+    NS = (T + CK - 1) // CK
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+    p_hc = hbuf + (i_bh * NS + i_c * RATIO) * K * V + o_h
+    b_h = tl.load(p_hc, mask=m_h, other=0.0)
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, T)
+    xs = (r, k, v, w, v)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    p_o = o + i_b * T * HV + i_h * V + t0 * HV + o_v
+    q = _queue_init(xs, t0, 1, t0, t1, offs, idx, PF, 15)
+    for j in range(0, t1 - t0):
+        if RATIO > 1:
+            if (j % CK == 0) and (j > 0):
+                tl.store(p_hc + (j // CK) * K * V, b_h, mask=m_h)
+        x_r, x_k, x_v, x_w, _ = q[0]
+        q = _queue_next(q, xs, t0 + j + PF, t0, t1, offs, idx, PF, 15)
+        b_o = _output(b_h, x_r, x_k, x_v, b_u, scale)
+        b_h = _step(b_h, x_k, x_v, x_w)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        p_o += HV
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_chunk_adjoint_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    do,  # [B, T, H, V]
+    p,  # [B, H, NT, K] fp32 decay of the whole chunk (written by the V-block 0 programs)
+    y,  # [B, H, NT, K, V] fp32: cotangent of chunk c's start state from chunk c's outputs only
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    PF: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NT = (T + BT - 1) // BT
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, T)
+    xs = (r, r, do, w, do)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    b_dh = tl.zeros([BV, BK], dtype=tl.float32)
+    b_p = tl.full([BK], 1.0, dtype=tl.float32)
+    q = _queue_init(xs, t1 - 1, -1, t0, t1, offs, idx, PF, 25)
+    for i in range(0, t1 - t0):
+        x_r, _, _, x_w, x_do = q[0]
+        q = _queue_next(q, xs, t1 - 1 - i - PF, t0, t1, offs, idx, PF, 25)
+        b_d = tl.exp(x_w.to(tl.float32))
+        b_dh = (
+            b_dh * b_d[None, :]
+            + x_do.to(tl.float32)[:, None] * (x_r.to(tl.float32) * scale)[None, :]
+        )
+        b_p = b_p * b_d
+    p_y = y + (i_bh * NT + i_c) * K * V + o_k[None, :] * V + o_v[:, None]
+    tl.store(p_y, b_dh, mask=m_v[:, None] & m_k[None, :])
+    if i_v == 0:
+        tl.store(p + (i_bh * NT + i_c) * K + o_k, b_p, mask=m_k)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_chunk_state_bwd_kernel(
+    p,  # [B, H, NT, K] fp32
+    y,  # [B, H, NT, K, V] fp32 from wkv6_chunk_adjoint_kernel
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    dhend,  # [B, H, NT, K, V] fp32: cotangent of chunk c's end state
+    dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    HAS_H0: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    NT = (T + BT - 1) // BT
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_h = (o_v < V)[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+
+    b_dh = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for i_c in range(0, NT):
+        c = NT - 1 - i_c
+        tl.store(dhend + (i_bh * NT + c) * K * V + o_h, b_dh, mask=m_h)
+        b_p = tl.load(p + (i_bh * NT + c) * K + o_k, mask=m_k, other=0.0)
+        b_y = tl.load(y + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        b_dh = b_dh * b_p[None, :] + b_y
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_h, b_dh.to(dh0.dtype.element_ty), mask=m_h)
+
+
+@triton.jit
+def _chunk_step(h, t, xs, offs, idx, T):
+    x = _load_step(xs, t, 0, T, offs, idx, 14)
+    return _step(h, x[1], x[2], x[3])
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_chunk_bwd_kernel(
+    r,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K]
+    u,  # [H, K]
+    do,  # [B, T, H, V]
+    ckpt,  # [B, H, ceil(T / 16), K, V] fp32 states every 16 steps
+    dhend,  # [B, H, NT, K, V] fp32 from wkv6_chunk_state_bwd_kernel
+    dr,  # [NV, B, T, H, K] (a plain [B, T, H, K] when NV == 1)
+    dk,  # [NV, B, T, H, K]
+    dw,  # [NV, B, T, H, K]
+    du,  # [NV, NT, B, H, K] fp32 partial sums
+    dv,  # [B, T, H, V]
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NT = (T + BT - 1) // BT
+    NS = (T + 15) // 16
+    R: tl.constexpr = BT // 16
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+    xs = (r, k, v, w, do)
+    gs = (dr, dk, dw, dv)
+    off_x = i_b * T * HK + i_h * K
+    off_y = i_b * T * HV + i_h * V
+    offs = (off_x, off_y, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    off_part = i_v * n_bh * T * K
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+
+    b_du = tl.zeros([BK], dtype=tl.float32)
+    b_dh = tl.load(dhend + (i_bh * NT + i_c) * K * V + o_h, mask=m_h, other=0.0)
+    for i_s in range(0, R):
+        s = R - 1 - i_s
+        ts = i_c * BT + s * 16
+        if ts < T:
+            # block starts (every 4 steps) of this 16-step piece, from its checkpoint
+            h0 = tl.load(ckpt + (i_bh * NS + i_c * R + s) * K * V + o_h, mask=m_h, other=0.0)
+            h4 = h0
+            for j in range(0, 4):
+                h4 = _chunk_step(h4, ts + j, xs, offs, idx, T)
+            h8 = h4
+            for j in range(4, 8):
+                h8 = _chunk_step(h8, ts + j, xs, offs, idx, T)
+            h12 = h8
+            for j in range(8, 12):
+                h12 = _chunk_step(h12, ts + j, xs, offs, idx, T)
+            for i_blk in tl.static_range(0, 4):
+                hb = h12 if i_blk == 0 else (h8 if i_blk == 1 else (h4 if i_blk == 2 else h0))
+                tb = ts + 12 - 4 * i_blk
+                # adjoint of the block's steps, last first; h_{t-1} recomputed from hb
+                for i in range(0, 4):
+                    t = tb + 3 - i
+                    hp = hb
+                    for j in range(0, 3 - i):
+                        hp = _chunk_step(hp, tb + j, xs, offs, idx, T)
+                    x = _load_step(xs, t, 0, T, offs, idx, 31)
+                    g = _adjoint(hp, b_dh, b_du, x, b_u, scale)
+                    b_dh = g[0]
+                    b_du = g[1]
+                    _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)
+    p_du = du + ((i_v * NT + i_c) * n_bh + i_bh) * K + o_k
+    tl.store(p_du, b_du, mask=m_k)
