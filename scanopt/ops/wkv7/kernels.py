@@ -1,0 +1,689 @@
+"""Triton kernels for RWKV-7 WKV: fused recurrent and chunk-parallel, fp32 state in registers.
+
+Recurrence (fla's DPLR form, state ``h`` ``[K, V]`` per (batch, head)):
+
+    h_t = diag(exp(w_t)) h_{t-1} + b_t (a_t^T h_{t-1}) + k_t v_t^T,    o_t = h_t^T (scale * r_t)
+
+The transition acts on the K side only, so the V columns evolve independently: every program
+owns one (batch, head, V-block). Programs hold the TRANSPOSED state ``h^T`` as a ``[BV, BK]``
+tile (RWKV-LM's ``S[v][k]``): K runs along the 32 lanes of a warp, so the per-step K-vectors
+(r, w, k, a, b) are loaded straight into the layout the tile broadcasts them in (no shared-memory
+conversion per step), reductions over K are warp shuffles and reductions over V stay inside a
+thread. With one warp per program the serial loops have no barriers.
+
+Every serial loop keeps a queue of the next ``PF`` steps' inputs in registers: the loads of step
+t + PF are issued before step t computes. (Triton's pipeliner leaves these non-``dot`` loads
+alone, and without ``noalias`` ptxas cannot hoist a load above the previous step's store.)
+
+Numerically nothing is divided by a decay or exponentiated with a positive argument: every
+kernel is exact in fp32 for any decay in (0, 1].
+
+Backward (per step, ``G`` = total cotangent of h_t, ``D`` = cotangent of h_t from later steps):
+
+    G   = D + q_t do_t^T
+    dq  = h_t do_t        dk = G v_t          dv = G^T k_t
+    sa  = a_t^T h_{t-1}   db = G sa           dsa = G^T b_t        da = h_{t-1} dsa
+    dw  = exp(w_t) * rowsum(G * h_{t-1})
+    D  <- diag(exp(w_t)) G + a_t dsa^T
+
+Reductions over V (dq, dk, dw, da, db) are partial per V-block; the launcher sums them.
+
+Two kernel families (``launch.py``, config ``MODE``) share one checkpoint format: the fp32 state
+before steps 0, CHUNK, 2 CHUNK, ... in a ``[B, H, NT, K, V]`` tensor.
+
+- recurrent: ``wkv7_fwd_kernel`` walks all of T; ``wkv7_bwd_kernel`` walks the checkpointed pieces
+  backwards, recomputing each piece's states into a per-program work space first.
+- chunked: over a chunk of BT steps the recurrence is affine, h_end = P_c h_start + U_c with
+  P_c = prod_t (diag(d_t) + b_t a_t^T). ``wkv7_chunk_transition_kernel`` (every chunk in
+  parallel) runs the recurrence on the augmented columns [I | 0] (v only feeds the U columns);
+  ``wkv7_chunk_state_fwd_kernel`` passes the state across chunks (fp32 ``tl.dot`` in BKC-row
+  blocks); ``wkv7_chunk_out_kernel`` (parallel) reruns each chunk from its start state, writing o
+  and the 16-step checkpoints. Backward: P_c again, ``wkv7_chunk_adjoint_kernel`` (each chunk's
+  adjoint from a zero cotangent, Y_c), ``wkv7_chunk_state_bwd_kernel`` (dH <- P_c^T dH + Y_c,
+  serial), ``wkv7_chunk_bwd_kernel`` (parallel; 16-step pieces with their states in registers:
+  block starts every 4 steps, then h_{t-1} recomputed from the block start).
+"""
+
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+# ``USE`` bit masks of the inputs a loop reads: r 1, w 2, k 4, a 8, b 16, v 32, do 64
+# (forward 63, recompute 62, adjoint 127, chunk adjoint 91)
+
+
+@triton.jit
+def _load_one(ptr, offset, mask, USED: tl.constexpr):
+    if USED:
+        return tl.load(ptr + offset, mask=mask, other=0.0)
+    else:
+        return 0.0
+
+
+@triton.jit
+def _load_step(xs, t, lo, hi, offs, idx, USE: tl.constexpr):
+    """The inputs (r, w, k, a, b, v, do) of step ``t`` in their stored dtypes; zeros when t is
+    outside [lo, hi); the scalar 0.0 for the inputs ``USE`` leaves out."""
+    r, w, k, v, a, b, do = xs
+    off_x, off_y, HK, HV = offs
+    o_k, o_v, m_k, m_v = idx
+    ok = (t >= lo) & (t < hi)
+    p_x = off_x + t * HK + o_k
+    p_y = off_y + t * HV + o_v
+    mk = m_k & ok
+    mv = m_v & ok
+    return (
+        _load_one(r, p_x, mk, (USE & 1) != 0),
+        _load_one(w, p_x, mk, (USE & 2) != 0),
+        _load_one(k, p_x, mk, (USE & 4) != 0),
+        _load_one(a, p_x, mk, (USE & 8) != 0),
+        _load_one(b, p_x, mk, (USE & 16) != 0),
+        _load_one(v, p_y, mv, (USE & 32) != 0),
+        _load_one(do, p_y, mv, (USE & 64) != 0),
+    )
+
+
+@triton.jit
+def _queue_init(xs, t0, step, lo, hi, offs, idx, PF: tl.constexpr, USE: tl.constexpr):
+    """The inputs of steps t0, t0 + step, ..., t0 + (PF - 1) step."""
+    q = ()
+    for j in tl.static_range(PF):
+        q = q + (_load_step(xs, t0 + j * step, lo, hi, offs, idx, USE),)
+    return q
+
+
+@triton.jit
+def _queue_next(q, xs, t, lo, hi, offs, idx, PF: tl.constexpr, USE: tl.constexpr):
+    """Drop the head of the queue and append the inputs of step ``t``."""
+    q2 = ()
+    for j in tl.static_range(1, PF):
+        q2 = q2 + (q[j],)
+    return q2 + (_load_step(xs, t, lo, hi, offs, idx, USE),)
+
+
+@triton.jit
+def _step(h, x_w, x_k, x_a, x_b, x_v):
+    """h^T [BV, BK] after one step (inputs as loaded); returns (h_t^T, sa_t, d_t)."""
+    b_d = tl.exp(x_w.to(tl.float32))
+    b_a = x_a.to(tl.float32)
+    b_sa = tl.sum(h * b_a[None, :], 1)  # [BV] a^T h_{t-1}
+    h = (
+        h * b_d[None, :]
+        + b_sa[:, None] * x_b.to(tl.float32)[None, :]
+        + x_v.to(tl.float32)[:, None] * x_k.to(tl.float32)[None, :]
+    )
+    return h, b_sa, b_d
+
+
+@triton.jit
+def _adjoint(b_hp, b_dh, x, scale):
+    """Adjoint of one step: h_{t-1}^T (``b_hp``), the cotangent of h_t^T from later steps
+    (``b_dh``) and the step's inputs ``x``. Returns (cotangent of h_{t-1}^T, dq, dw, dk, da, db
+    [BK] partial over this V-block, dv [BV])."""
+    x_r, x_w, x_k, x_a, x_b, x_v, x_do = x
+    b_q = x_r.to(tl.float32) * scale
+    b_d = tl.exp(x_w.to(tl.float32))
+    b_k = x_k.to(tl.float32)
+    b_b = x_b.to(tl.float32)
+    b_v = x_v.to(tl.float32)
+    b_do = x_do.to(tl.float32)
+    b_sa = tl.sum(b_hp * x_a.to(tl.float32)[None, :], 1)  # [BV] a^T h_{t-1}
+    # dq = h_t do_t without forming h_t = h_{t-1} d + b sa^T + k v^T
+    b_dq = (
+        b_d * tl.sum(b_hp * b_do[:, None], 0)
+        + b_b * tl.sum(b_sa * b_do, 0)
+        + b_k * tl.sum(b_v * b_do, 0)
+    )  # [BK]
+    b_g = b_dh + b_do[:, None] * b_q[None, :]  # [BV, BK]
+    b_dk = tl.sum(b_g * b_v[:, None], 0)
+    b_dv = tl.sum(b_g * b_k[None, :], 1)  # [BV]
+    b_dw = b_d * tl.sum(b_g * b_hp, 0)
+    b_db = tl.sum(b_g * b_sa[:, None], 0)
+    b_dsa = tl.sum(b_g * b_b[None, :], 1)  # [BV]
+    b_da = tl.sum(b_hp * b_dsa[:, None], 0)
+    b_dh = b_g * b_d[None, :] + b_dsa[:, None] * x_a.to(tl.float32)[None, :]
+    return b_dh, b_dq * scale, b_dw, b_dk, b_da, b_db, b_dv
+
+
+@triton.jit
+def _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T):
+    """Store one step's gradients (``gs`` = (dr, dw, dk, da, db, dv) pointers)."""
+    dr, dw, dk, da, db, dv = gs
+    _, g_r, g_w, g_k, g_a, g_b, g_v = g
+    ok = (t >= 0) & (t < T)
+    p_x = off_part + off_x + t * HK + o_k
+    mk = m_k & ok
+    tl.store(dr + p_x, g_r.to(dr.dtype.element_ty), mask=mk)
+    tl.store(dw + p_x, g_w.to(dw.dtype.element_ty), mask=mk)
+    tl.store(dk + p_x, g_k.to(dk.dtype.element_ty), mask=mk)
+    tl.store(da + p_x, g_a.to(da.dtype.element_ty), mask=mk)
+    tl.store(db + p_x, g_b.to(db.dtype.element_ty), mask=mk)
+    p_y = off_y + t * HV + o_v
+    tl.store(dv + p_y, g_v.to(dv.dtype.element_ty), mask=m_v & ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# recurrent
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_fwd_kernel(
+    r,  # [B, T, H, K] receptance (query)
+    w,  # [B, T, H, K] log decay
+    k,  # [B, T, H, K] key
+    v,  # [B, T, H, V] value
+    a,  # [B, T, H, K] rank-1 "read" vector (RWKV-7: -kk)
+    b,  # [B, T, H, K] rank-1 "write" vector (RWKV-7: kk * alpha)
+    o,  # [B, T, H, V] output
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    ckpt,  # [B, H, NT, K, V] fp32 state before steps 0, CHUNK, 2 CHUNK, ... (when STORE_CKPT)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PF: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]  # [BV, BK] offsets of h^T inside a [K, V] state
+
+    b_h = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+
+    xs = (r, w, k, v, a, b, v)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    p_o = o + i_b * T * HV + i_h * V + o_v
+    NT = (T + CHUNK - 1) // CHUNK
+    p_c = ckpt + i_bh * NT * K * V + o_h
+
+    q = _queue_init(xs, 0, 1, 0, T, offs, idx, PF, 63)
+    for t in range(0, T):
+        if STORE_CKPT:
+            if t % CHUNK == 0:
+                tl.store(p_c, b_h, mask=m_h)
+                p_c += K * V
+        x_r, x_w, x_k, x_a, x_b, x_v, _ = q[0]
+        q = _queue_next(q, xs, t + PF, 0, T, offs, idx, PF, 63)
+        b_h, _, _ = _step(b_h, x_w, x_k, x_a, x_b, x_v)
+        b_o = tl.sum(b_h * (x_r.to(tl.float32) * scale)[None, :], 1)  # [BV]
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        p_o += HV
+
+    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_bwd_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K] log decay
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    do,  # [B, T, H, V] cotangent of o
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    ckpt,  # [B, H, NT, K, V] fp32 checkpoints written by the forward
+    work,  # [NV * B * H, CHUNK, BV, BK] fp32 work space
+    dr,  # [NV, B, T, H, K] (a plain [B, T, H, K] when NV == 1)
+    dw,  # [NV, B, T, H, K]
+    dk,  # [NV, B, T, H, K]
+    da,  # [NV, B, T, H, K]
+    db,  # [NV, B, T, H, K]
+    dv,  # [B, T, H, V]
+    dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PF: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    n_bh = tl.num_programs(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]  # [BV, BK] offsets of h^T inside a [K, V] state
+    p_s = work + (i_v * n_bh + i_bh) * CHUNK * BV * BK
+    o_s = tl.arange(0, BV)[:, None] * BK + o_k[None, :]  # [BV, BK] inside one work-space slot
+
+    xs = (r, w, k, v, a, b, do)
+    gs = (dr, dw, dk, da, db, dv)
+    off_x = i_b * T * HK + i_h * K
+    off_y = i_b * T * HV + i_h * V
+    offs = (off_x, off_y, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    off_part = i_v * n_bh * T * K  # this V-block's slice of the partial-sum outputs
+
+    b_dh = tl.zeros([BV, BK], dtype=tl.float32)  # cotangent of h_t^T from steps > t
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+
+    NT = (T + CHUNK - 1) // CHUNK
+    for i_c in range(0, NT):
+        c = NT - 1 - i_c
+        t0 = c * CHUNK
+        n = tl.minimum(t0 + CHUNK, T) - t0
+
+        # recompute h_{t-1} for every step of the piece into the work space
+        b_h = tl.load(ckpt + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        q = _queue_init(xs, t0, 1, t0, t0 + n, offs, idx, PF, 62)
+        for j in range(0, n):
+            tl.store(p_s + j * BV * BK + o_s, b_h)
+            _, x_w, x_k, x_a, x_b, x_v, _ = q[0]
+            q = _queue_next(q, xs, t0 + j + PF, t0, t0 + n, offs, idx, PF, 62)
+            b_h, _, _ = _step(b_h, x_w, x_k, x_a, x_b, x_v)
+        tl.debug_barrier()
+
+        # adjoint over the piece, last step first
+        q = _queue_init(xs, t0 + n - 1, -1, t0, t0 + n, offs, idx, PF, 127)
+        x_hp = tl.load(p_s + (n - 1) * BV * BK + o_s)
+        for i in range(0, n):
+            t = t0 + n - 1 - i
+            b_hp = x_hp
+            x = q[0]
+            q = _queue_next(q, xs, t - PF, t0, t0 + n, offs, idx, PF, 127)
+            x_hp = tl.load(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s)
+            g = _adjoint(b_hp, b_dh, x, scale)
+            b_dh = g[0]
+            _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)
+        tl.debug_barrier()
+
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_h, b_dh.to(dh0.dtype.element_ty), mask=m_h)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunk-parallel
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_chunk_transition_kernel(
+    w,  # [B, T, H, K] log decay
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    pu,  # [B, H, NT, K, W] fp32: P_c in columns [0, K), U_c in columns [K, K + V) (if W > K)
+    T,
+    H,
+    K,
+    V,
+    W,
+    BK: tl.constexpr,
+    BW: tl.constexpr,
+    BT: tl.constexpr,
+    PF: tl.constexpr,
+):
+    i_w = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NT = (T + BT - 1) // BT
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    col = i_w * BW + tl.arange(0, BW)  # [BW] columns of the augmented state
+    m_k = o_k < K
+    m_col = col < W
+    m_u = (col >= K) & m_col  # columns of U_c, fed by v
+    # rows of the tile = columns of the state; P columns start as the identity
+    b_h = tl.where((col[:, None] == o_k[None, :]) & (col[:, None] < K), 1.0, 0.0)  # [BW, BK]
+
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, T)
+    xs = (w, w, k, v, a, b, v)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V - K, HK, HV)  # v read at col - K
+    idx = (o_k, col, m_k, m_u)
+    q = _queue_init(xs, t0, 1, t0, t1, offs, idx, PF, 62)
+    for t in range(t0, t1):
+        _, x_w, x_k, x_a, x_b, x_v, _ = q[0]
+        q = _queue_next(q, xs, t + PF, t0, t1, offs, idx, PF, 62)
+        b_h, _, _ = _step(b_h, x_w, x_k, x_a, x_b, x_v)
+    p_pu = pu + (i_bh * NT + i_c) * K * W + o_k[None, :] * W + col[:, None]
+    tl.store(p_pu, b_h, mask=m_col[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_chunk_state_fwd_kernel(
+    pu,  # [B, H, NT, K, K + V] fp32 from wkv7_chunk_transition_kernel
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    hbuf,  # [B, H, NS, K, V] fp32; chunk c's start state goes to slot c * RATIO
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKC: tl.constexpr,
+    BT: tl.constexpr,
+    RATIO: tl.constexpr,
+    HAS_H0: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    NT = (T + BT - 1) // BT
+    NS = (T + BT // RATIO - 1) // (BT // RATIO)
+    W = K + V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+
+    b_h = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for c in range(0, NT):
+        p_hc = hbuf + (i_bh * NS + c * RATIO) * K * V
+        tl.store(p_hc + o_h, b_h, mask=m_h)
+        tl.debug_barrier()
+        # h^T <- U_c^T + h^T P_c^T, BKC rows of h (the stored start state) at a time
+        p_pu = pu + (i_bh * NT + c) * K * W
+        b_h = tl.load(p_pu + o_k[None, :] * W + K + o_v[:, None], mask=m_h, other=0.0)
+        for jb in tl.static_range(0, BK, BKC):
+            o_j = jb + tl.arange(0, BKC)
+            m_j = o_j < K
+            b_hj = tl.load(
+                p_hc + o_j[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_j[None, :], other=0.0
+            )  # [BV, BKC] h^T columns jb..
+            b_pj = tl.load(
+                p_pu + o_k[None, :] * W + o_j[:, None], mask=m_j[:, None] & m_k[None, :], other=0.0
+            )  # [BKC, BK] P_c^T rows jb..
+            b_h += tl.dot(b_hj, b_pj, input_precision="ieee")
+        tl.debug_barrier()
+    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_chunk_out_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    o,  # [B, T, H, V] output
+    hbuf,  # [B, H, NS, K, V] fp32: reads slot c * RATIO, writes the RATIO - 1 slots after it
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    RATIO: tl.constexpr,
+    PF: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    CK: tl.constexpr = BT // RATIO
+    NS = (T + CK - 1) // CK
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+    p_hc = hbuf + (i_bh * NS + i_c * RATIO) * K * V + o_h
+    b_h = tl.load(p_hc, mask=m_h, other=0.0)
+
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, T)
+    xs = (r, w, k, v, a, b, v)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    p_o = o + i_b * T * HV + i_h * V + t0 * HV + o_v
+    q = _queue_init(xs, t0, 1, t0, t1, offs, idx, PF, 63)
+    for j in range(0, t1 - t0):
+        if RATIO > 1:
+            if (j % CK == 0) and (j > 0):
+                tl.store(p_hc + (j // CK) * K * V, b_h, mask=m_h)
+        x_r, x_w, x_k, x_a, x_b, x_v, _ = q[0]
+        q = _queue_next(q, xs, t0 + j + PF, t0, t1, offs, idx, PF, 63)
+        b_h, _, _ = _step(b_h, x_w, x_k, x_a, x_b, x_v)
+        b_o = tl.sum(b_h * (x_r.to(tl.float32) * scale)[None, :], 1)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+        p_o += HV
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_chunk_adjoint_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    do,  # [B, T, H, V]
+    y,  # [B, H, NT, K, V] fp32: cotangent of chunk c's start state from chunk c's outputs only
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    PF: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NT = (T + BT - 1) // BT
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+
+    t0 = i_c * BT
+    t1 = tl.minimum(t0 + BT, T)
+    xs = (r, w, r, do, a, b, do)
+    offs = (i_b * T * HK + i_h * K, i_b * T * HV + i_h * V, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    b_dh = tl.zeros([BV, BK], dtype=tl.float32)
+    q = _queue_init(xs, t1 - 1, -1, t0, t1, offs, idx, PF, 91)
+    for i in range(0, t1 - t0):
+        x_r, x_w, _, x_a, x_b, _, x_do = q[0]
+        q = _queue_next(q, xs, t1 - 1 - i - PF, t0, t1, offs, idx, PF, 91)
+        b_g = b_dh + x_do.to(tl.float32)[:, None] * (x_r.to(tl.float32) * scale)[None, :]
+        b_dsa = tl.sum(b_g * x_b.to(tl.float32)[None, :], 1)
+        b_dh = (
+            b_g * tl.exp(x_w.to(tl.float32))[None, :] + b_dsa[:, None] * x_a.to(tl.float32)[None, :]
+        )
+    p_y = y + (i_bh * NT + i_c) * K * V + o_k[None, :] * V + o_v[:, None]
+    tl.store(p_y, b_dh, mask=m_v[:, None] & m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_chunk_state_bwd_kernel(
+    p,  # [B, H, NT, K, K] fp32 chunk transitions P_c
+    y,  # [B, H, NT, K, V] fp32 from wkv7_chunk_adjoint_kernel
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    dhend,  # [B, H, NT, K, V] fp32: cotangent of chunk c's end state
+    dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BKC: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    HAS_H0: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    NT = (T + BT - 1) // BT
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+
+    b_dh = tl.zeros([BV, BK], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for i_c in range(0, NT):
+        c = NT - 1 - i_c
+        p_de = dhend + (i_bh * NT + c) * K * V
+        tl.store(p_de + o_h, b_dh, mask=m_h)
+        tl.debug_barrier()
+        # dH^T <- Y_c^T + dH^T P_c, BKC rows of dH (just stored) at a time
+        b_dh = tl.load(y + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        p_p = p + (i_bh * NT + c) * K * K
+        for jb in tl.static_range(0, BK, BKC):
+            o_j = jb + tl.arange(0, BKC)
+            m_j = o_j < K
+            b_dj = tl.load(
+                p_de + o_j[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_j[None, :], other=0.0
+            )  # [BV, BKC] dH^T columns jb..
+            b_pj = tl.load(
+                p_p + o_j[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :], other=0.0
+            )  # [BKC, BK] P_c rows jb..
+            b_dh += tl.dot(b_dj, b_pj, input_precision="ieee")
+        tl.debug_barrier()
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_h, b_dh.to(dh0.dtype.element_ty), mask=m_h)
+
+
+@triton.jit
+def _chunk_step(h, t, xs, offs, idx, T):
+    x = _load_step(xs, t, 0, T, offs, idx, 62)
+    h, _, _ = _step(h, x[1], x[2], x[3], x[4], x[5])
+    return h
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_chunk_bwd_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    do,  # [B, T, H, V]
+    ckpt,  # [B, H, ceil(T / 16), K, V] fp32 states every 16 steps
+    dhend,  # [B, H, NT, K, V] fp32 from wkv7_chunk_state_bwd_kernel
+    dr,  # [NV, B, T, H, K] (a plain [B, T, H, K] when NV == 1)
+    dw,  # [NV, B, T, H, K]
+    dk,  # [NV, B, T, H, K]
+    da,  # [NV, B, T, H, K]
+    db,  # [NV, B, T, H, K]
+    dv,  # [B, T, H, V]
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    n_bh = tl.num_programs(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NT = (T + BT - 1) // BT
+    NS = (T + 15) // 16
+    R: tl.constexpr = BT // 16
+    HK = H.to(tl.int64) * K
+    HV = H.to(tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_v[:, None] & m_k[None, :]
+    o_h = o_k[None, :] * V + o_v[:, None]
+    xs = (r, w, k, v, a, b, do)
+    gs = (dr, dw, dk, da, db, dv)
+    off_x = i_b * T * HK + i_h * K
+    off_y = i_b * T * HV + i_h * V
+    offs = (off_x, off_y, HK, HV)
+    idx = (o_k, o_v, m_k, m_v)
+    off_part = i_v * n_bh * T * K
+
+    b_dh = tl.load(dhend + (i_bh * NT + i_c) * K * V + o_h, mask=m_h, other=0.0)
+    for i_s in range(0, R):
+        s = R - 1 - i_s
+        ts = i_c * BT + s * 16
+        if ts < T:
+            # block starts (every 4 steps) of this 16-step piece, from its checkpoint
+            h0 = tl.load(ckpt + (i_bh * NS + i_c * R + s) * K * V + o_h, mask=m_h, other=0.0)
+            h4 = h0
+            for j in range(0, 4):
+                h4 = _chunk_step(h4, ts + j, xs, offs, idx, T)
+            h8 = h4
+            for j in range(4, 8):
+                h8 = _chunk_step(h8, ts + j, xs, offs, idx, T)
+            h12 = h8
+            for j in range(8, 12):
+                h12 = _chunk_step(h12, ts + j, xs, offs, idx, T)
+            for i_blk in tl.static_range(0, 4):
+                hb = h12 if i_blk == 0 else (h8 if i_blk == 1 else (h4 if i_blk == 2 else h0))
+                tb = ts + 12 - 4 * i_blk
+                # adjoint of the block's steps, last first; h_{t-1} recomputed from hb
+                for i in range(0, 4):
+                    t = tb + 3 - i
+                    hp = hb
+                    for j in range(0, 3 - i):
+                        hp = _chunk_step(hp, tb + j, xs, offs, idx, T)
+                    g = _adjoint(hp, b_dh, _load_step(xs, t, 0, T, offs, idx, 127), scale)
+                    b_dh = g[0]
+                    _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)

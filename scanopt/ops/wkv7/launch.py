@@ -1,0 +1,209 @@
+"""Allocation, grid, config and launch of the RWKV-7 WKV kernels (no autograd here).
+
+Every launcher takes ``config=None`` (a dict; ``default_config`` gives the heuristic one) so the
+tuner can feed any point of the search space through the same code path. ``config["MODE"]``
+picks the fused-recurrent kernels or the chunk-parallel ones (see ``kernels.py``); both write
+and read the same checkpoints, so a forward in one mode can be followed by a backward in the
+other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scanopt._tensor import empty
+from scanopt._triton_compat import ensure_interpreter_compat
+from scanopt.ops._rwkv_common import (
+    CKPT_CHUNK,
+    CONFIG_KEYS,
+    cdiv,
+    next_pow2,
+    resolve_config,
+)
+from scanopt.ops._rwkv_common import default_config as _default_config
+from scanopt.ops.wkv7 import kernels
+
+__all__ = ["CONFIG_KEYS", "default_config", "wkv7_fwd", "wkv7_bwd"]
+
+
+def default_config(direction: str, *, T: int, K: int, V: int, dtype: torch.dtype) -> dict:
+    """Heuristic config (see :func:`scanopt.ops._rwkv_common.default_config` for the keys)."""
+    return _default_config(direction, T=T, K=K, V=V, dtype=dtype)
+
+
+def _launch_opts(cfg: dict, min_warps: int = 1) -> dict:
+    return {"num_warps": max(cfg["num_warps"], min_warps), "num_stages": cfg["num_stages"]}
+
+
+def wkv7_fwd(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    store_ckpt: bool,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the forward kernels.
+
+    Returns ``o`` ``[B, T, H, V]`` (``r.dtype``), the final state ``[B, H, K, V]`` fp32 and the
+    checkpoints ``[B, H, ceil(T / CHUNK), K, V]`` fp32 (the state before steps 0, CHUNK, ...;
+    shape ``(0,)`` unless ``store_ckpt``).
+    """
+    ensure_interpreter_compat()
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    cfg = resolve_config("wkv7", "fwd", config, T=T, K=K, V=V, dtype=r.dtype)
+    r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    device = r.device
+    o = empty((B, T, H, V), r.dtype, device)
+    ht = empty((B, H, K, V), torch.float32, device)
+    CK, BV = cfg["CHUNK"], cfg["BV"]
+    ckpt = empty((B, H, cdiv(T, CK), K, V) if store_ckpt else (0,), torch.float32, device)
+    if cfg["MODE"] == "recurrent":
+        kernels.wkv7_fwd_kernel[(cdiv(V, BV), B * H)](
+            r, w, k, v, a, b, o, h0 if h0 is not None else ht, ht, ckpt,
+            scale, T, H, K, V,
+            BK=next_pow2(K), BV=BV, CHUNK=CK, PF=cfg["PF"],
+            HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, **_launch_opts(cfg),
+        )  # fmt: skip
+        return o, ht, ckpt
+
+    BK, BT, BW = max(16, next_pow2(K)), cfg["BT"], cfg["BW"]
+    NT, W = cdiv(T, BT), K + V
+    ratio = BT // CK if store_ckpt else 1
+    hbuf = ckpt if store_ckpt else torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
+    pu = torch.empty((B, H, NT, K, W), dtype=torch.float32, device=device)
+    kernels.wkv7_chunk_transition_kernel[(cdiv(W, BW), NT, B * H)](
+        w, k, v, a, b, pu, T, H, K, V, W, BK=BK, BW=BW, BT=BT, PF=cfg["PF"], **_launch_opts(cfg)
+    )
+    kernels.wkv7_chunk_state_fwd_kernel[(cdiv(V, BV), B * H)](
+        pu, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
+        BK=BK, BV=BV, BKC=16, BT=BT, RATIO=ratio, HAS_H0=h0 is not None,
+        **_launch_opts(cfg, 4),
+    )  # fmt: skip
+    kernels.wkv7_chunk_out_kernel[(cdiv(V, BV), NT, B * H)](
+        r, w, k, v, a, b, o, hbuf, scale, T, H, K, V,
+        BK=BK, BV=BV, BT=BT, RATIO=ratio, PF=cfg["PF"], **_launch_opts(cfg),
+    )  # fmt: skip
+    return o, ht, ckpt
+
+
+def wkv7_bwd(
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    ckpt: torch.Tensor,
+    chunk: int,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Run the backward kernels from the forward's checkpoints (``chunk`` steps apart;
+    recomputed here when ``ckpt`` is empty; the chunked mode needs ``chunk == 16``).
+
+    Returns ``dr, dw, dk, dv, da, db`` in their inputs' dtypes and ``dh0`` (``initial_state``'s
+    dtype; shape ``(0,)`` when there is no initial state).
+    """
+    ensure_interpreter_compat()
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    cfg = resolve_config("wkv7", "bwd", config, T=T, K=K, V=V, dtype=r.dtype)
+    chunked = cfg["MODE"] == "chunked"
+    if chunked and chunk != CKPT_CHUNK:
+        raise ValueError(f"wkv7: the chunked backward needs {CKPT_CHUNK}-step checkpoints")
+    r, w, k, v, a, b, do = (x.contiguous() for x in (r, w, k, v, a, b, do))
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    dht = dht.contiguous() if dht is not None else None
+    if ckpt.numel() == 0:
+        _, _, ckpt = wkv7_fwd(r, w, k, v, a, b, scale, h0, True, {"CHUNK": chunk})
+    ckpt = ckpt.contiguous()
+    device = r.device
+    BV = cfg["BV"]
+    NV = cdiv(V, BV)
+
+    def part(like: torch.Tensor) -> torch.Tensor:
+        # V-blocks write partial sums; with one block the kernel writes the final tensor
+        if NV == 1:
+            return empty((B, T, H, K), like.dtype, device)
+        return empty((NV, B, T, H, K), torch.float32, device)
+
+    dr, dw, dk, da, db = part(r), part(w), part(k), part(a), part(b)
+    dv = empty((B, T, H, V), v.dtype, device)
+    dh0_dtype = h0.dtype if h0 is not None else torch.float32
+    dh0 = empty((B, H, K, V) if h0 is not None else (0,), dh0_dtype, device)
+    if not chunked:
+        BK = next_pow2(K)
+        work = torch.empty((NV * B * H, chunk, BV, BK), dtype=torch.float32, device=device)
+        kernels.wkv7_bwd_kernel[(NV, B * H)](
+            r, w, k, v, a, b, do, dht if dht is not None else do, ckpt, work,
+            dr, dw, dk, da, db, dv, dh0,
+            scale, T, H, K, V,
+            BK=BK, BV=BV, CHUNK=chunk, PF=cfg["PF"],
+            HAS_H0=h0 is not None, HAS_DHT=dht is not None, **_launch_opts(cfg),
+        )  # fmt: skip
+    else:
+        BK, BT, BW = max(16, next_pow2(K)), cfg["BT"], cfg["BW"]
+        NT = cdiv(T, BT)
+        p = torch.empty((B, H, NT, K, K), dtype=torch.float32, device=device)
+        kernels.wkv7_chunk_transition_kernel[(cdiv(K, BW), NT, B * H)](
+            w,
+            k,
+            v,
+            a,
+            b,
+            p,
+            T,
+            H,
+            K,
+            V,
+            K,
+            BK=BK,
+            BW=BW,
+            BT=BT,
+            PF=cfg["PF"],
+            **_launch_opts(cfg),
+        )
+        y = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
+        kernels.wkv7_chunk_adjoint_kernel[(NV, NT, B * H)](
+            r,
+            w,
+            a,
+            b,
+            do,
+            y,
+            scale,
+            T,
+            H,
+            K,
+            V,
+            BK=BK,
+            BV=BV,
+            BT=BT,
+            PF=cfg["PF"],
+            **_launch_opts(cfg),
+        )
+        dhend = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
+        kernels.wkv7_chunk_state_bwd_kernel[(NV, B * H)](
+            p, y, dht if dht is not None else y, dhend, dh0, T, H, K, V,
+            BK=BK, BV=BV, BKC=16, BT=BT,
+            HAS_DHT=dht is not None, HAS_H0=h0 is not None, **_launch_opts(cfg, 4),
+        )  # fmt: skip
+        kernels.wkv7_chunk_bwd_kernel[(NV, NT, B * H)](
+            r, w, k, v, a, b, do, ckpt, dhend, dr, dw, dk, da, db, dv,
+            scale, T, H, K, V, BK=BK, BV=BV, BT=BT, **_launch_opts(cfg),
+        )  # fmt: skip
+    if NV > 1:
+        dr, dw, dk, da, db = (
+            g.sum(0).to(x.dtype) for g, x in ((dr, r), (dw, w), (dk, k), (da, a), (db, b))
+        )
+    return dr, dw, dk, dv, da, db, dh0

@@ -1,0 +1,349 @@
+"""RWKV-7 WKV (``scanopt.wkv7``): forward, every gradient and the state against the float64
+reference with the verify rule; state passing; the torch backend; errors; torch.compile; the
+RWKV-LM adapter; launch configs. CPU tests run the Triton kernels through the interpreter."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scanopt import _tensor
+from scanopt.ops import _rwkv_common
+from scanopt.ops.wkv7 import launch, op
+from scanopt.verify import compare
+
+FP = [torch.float32, torch.float16]
+
+
+def _w_dtype(dtype):
+    # fp16 cannot hold the gradient of a log decay near -20 (exp(-20) * O(1) underflows);
+    # RWKV keeps the decay in fp32, so the fp16 cases do too.
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _force_mode(monkeypatch, mode, **chunked_overrides):
+    """Make the default launch config use one kernel family (``MODE``) in both directions."""
+    original = _rwkv_common.default_config
+
+    def forced(direction, **kwargs):
+        cfg = original(direction, **{**kwargs, "mode": kwargs.get("mode") or mode})
+        if cfg["MODE"] == "chunked":
+            cfg.update(chunked_overrides)
+        return cfg
+
+    monkeypatch.setattr(_rwkv_common, "default_config", forced)
+
+
+@pytest.fixture(params=["recurrent", "chunked"])
+def mode(request, monkeypatch):
+    """Both kernel families; chunked with 32-step chunks, so short sequences still span several
+    chunks and checkpoint slots."""
+    _force_mode(monkeypatch, request.param, BT=32, BW=16)
+    return request.param
+
+
+@pytest.fixture(params=["recurrent", "chunked"])
+def gpu_mode(request, monkeypatch):
+    """Both kernel families with their default block sizes (GPU tests)."""
+    _force_mode(monkeypatch, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("T", [1, 17, 100])
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("dtype", FP, ids=lambda d: str(d).replace("torch.", ""))
+def test_wkv7_matches_reference(device, mode, T, decay, with_state, dtype):
+    x = op.make_inputs(
+        2 if T < 100 else 1, T, 2, 16, dtype=dtype, device=device, decay=decay,
+        w_dtype=_w_dtype(dtype), initial_state=with_state, seed=T + 7 * with_state,
+    )  # fmt: skip
+    op.check_case(x, f"T{T}-{decay}-h0={with_state}").assert_ok()
+
+
+@pytest.mark.parametrize(
+    "B,T,H,K,V,decay",
+    [
+        (1, 33, 1, 20, 24, "mixed"),  # K, V not powers of two (masked lanes)
+        (1, 40, 2, 16, 40, "rwkv7"),  # several V-blocks (one partial): partial sums over V
+        (1, 19, 1, 32, 32, "mixed"),
+    ],
+)
+def test_wkv7_odd_heads(device, mode, B, T, H, K, V, decay):
+    x = op.make_inputs(B, T, H, K, V, device=device, decay=decay, initial_state=True, seed=K)
+    op.check_case(x, f"K{K}-V{V}").assert_ok()
+
+
+def test_wkv7_scale(device, mode):
+    x = op.make_inputs(1, 9, 2, 16, device=device, initial_state=True, seed=3)
+    op.check_case(x, "scale", scale=16**-0.5).assert_ok()
+
+
+def test_wkv7_state_passing_equals_one_run(device, mode):
+    x = op.make_inputs(1, 45, 2, 16, device=device, decay="mixed", initial_state=True, seed=5)
+    names = ("r", "w", "k", "v", "a", "b")
+
+    def leaves():
+        return [x[n].clone().requires_grad_() for n in names], x["initial_state"].clone()
+
+    (full, s0) = leaves()
+    s0.requires_grad_()
+    o, ht = op.wkv7(*full, initial_state=s0, output_final_state=True)
+    g_full = torch.autograd.grad([o, ht], [*full, s0], [x["do"], x["dht"]])
+
+    (parts, p0) = leaves()
+    p0.requires_grad_()
+    cut = 20  # not a multiple of the checkpoint chunk
+    o1, s1 = op.wkv7(*(t[:, :cut] for t in parts), initial_state=p0, output_final_state=True)
+    o2, s2 = op.wkv7(*(t[:, cut:] for t in parts), initial_state=s1, output_final_state=True)
+    o_cat = torch.cat([o1, o2], 1)
+    g_parts = torch.autograd.grad([o_cat, s2], [*parts, p0], [x["do"], x["dht"]])
+
+    torch.testing.assert_close(o_cat, o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s2, ht, rtol=1e-5, atol=1e-6)
+    for name, g1, g2 in zip([*names, "initial_state"], g_parts, g_full, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_wkv7_no_grad_returns_none_state_and_stores_no_checkpoints(device, monkeypatch):
+    x = op.make_inputs(1, 10, 2, 16, device=device, seed=2)
+    seen = []
+    original = launch.wkv7_fwd
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out[2].numel())
+        return out
+
+    monkeypatch.setattr(launch, "wkv7_fwd", spy)
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    o, state = op.wkv7(*args)
+    assert state is None and o.shape == (1, 10, 2, 16) and o.dtype == torch.float32
+    assert seen == [0]  # no autograd -> no checkpoints
+
+
+def test_wkv7_torch_backend(device, monkeypatch):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    called = []
+    monkeypatch.setattr(launch, "wkv7_fwd", lambda *a, **k: called.append(1))
+    x = op.make_inputs(2, 17, 2, 16, device=device, decay="strong", initial_state=True, seed=11)
+    op.check_case(x, "torch-backend").assert_ok()
+    assert not called
+
+
+def test_wkv7_launch_configs_agree(device):
+    """Every mode and block size gives the same result, the two modes write the same
+    checkpoints, and a backward in either mode runs from a forward in either: what the tuner and
+    the per-direction MODE choice rely on."""
+    x = op.make_inputs(1, 37, 1, 16, 32, device=device, decay="mixed", initial_state=True, seed=4)
+    args = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    h0, do, dht = x["initial_state"], x["do"], x["dht"]
+
+    def close(got, want):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+    o, ht, ck = launch.wkv7_fwd(*args, 1.0, h0, True, {"MODE": "recurrent"})
+    assert ck.shape == (1, 1, 3, 16, 32)
+    fwd_configs = [
+        {"MODE": "recurrent", "BV": 32, "CHUNK": 4, "PF": 1},
+        {"MODE": "chunked", "BT": 16, "PF": 3},
+        {"MODE": "chunked", "BT": 64, "BV": 32, "BW": 64, "CHUNK": 32},
+    ]
+    for cfg in fwd_configs:
+        o2, ht2, ck2 = launch.wkv7_fwd(*args, 1.0, h0, True, cfg)
+        close(o2, o)
+        close(ht2, ht)
+        if cfg.get("CHUNK", 16) == 16:
+            close(ck2, ck)
+    o3, ht3, ck3 = launch.wkv7_fwd(*args, 1.0, h0, False, {"MODE": "chunked", "BT": 16})
+    close(o3, o)
+    assert ck3.numel() == 0
+
+    ref = launch.wkv7_bwd(do, dht, *args, 1.0, h0, ck, 16, {"MODE": "recurrent"})
+    bwd_configs = [
+        {"MODE": "recurrent", "BV": 32, "PF": 3},
+        {"MODE": "chunked", "BT": 16, "PF": 1},
+        {"MODE": "chunked", "BT": 32, "BV": 32, "BW": 32},
+    ]
+    for cfg in bwd_configs:
+        for g, g_ref in zip(
+            launch.wkv7_bwd(do, dht, *args, 1.0, h0, ck, 16, cfg), ref, strict=True
+        ):
+            close(g, g_ref)
+    _, _, ck4 = launch.wkv7_fwd(*args, 1.0, h0, True, {"MODE": "recurrent", "CHUNK": 4})
+    alt = launch.wkv7_bwd(do, dht, *args, 1.0, h0, ck4, 4, {"MODE": "recurrent"})
+    for g, g_ref in zip(alt, ref, strict=True):
+        close(g, g_ref)
+    # no checkpoints: the backward recomputes them; no final-state cotangent
+    nodht = launch.wkv7_bwd(do, None, *args, 1.0, h0, ck, 16, {"MODE": "recurrent"})
+    for mode in ("recurrent", "chunked"):
+        rec = launch.wkv7_bwd(do, None, *args, 1.0, h0, torch.empty(0), 16, {"MODE": mode})
+        for g, g_ref in zip(rec, nodht, strict=True):
+            close(g, g_ref)
+
+    with pytest.raises(ValueError, match="BLOCK"):
+        launch.wkv7_fwd(*args, 1.0, None, False, {"BLOCK": 3})
+    with pytest.raises(ValueError, match="power of two"):
+        launch.wkv7_fwd(*args, 1.0, None, False, {"BV": 24})
+    with pytest.raises(ValueError, match="PF"):
+        launch.wkv7_fwd(*args, 1.0, None, False, {"PF": 0})
+    with pytest.raises(ValueError, match="MODE"):
+        launch.wkv7_fwd(*args, 1.0, None, False, {"MODE": "fast"})
+    with pytest.raises(ValueError, match="16-step checkpoints"):
+        launch.wkv7_bwd(do, dht, *args, 1.0, h0, ck4, 4, {"MODE": "chunked"})
+
+
+def test_wkv7_outputs_are_fully_written(device, mode):
+    """Every element of every output is written (SCANOPT_POISON=1 fills buffers with NaN)."""
+    assert _tensor.poison_outputs()
+    x = op.make_inputs(1, 3, 1, 20, 40, device=device, initial_state=True, seed=9)
+    args = [x[n].requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+    s0 = x["initial_state"].requires_grad_()
+    o, ht = op.wkv7(*args, initial_state=s0, output_final_state=True)
+    grads = torch.autograd.grad([o, ht], [*args, s0], [x["do"], x["dht"]])
+    for t in (o, ht, *grads):
+        assert torch.isfinite(t).all()
+
+
+def test_wkv7_bad_inputs():
+    x = op.make_inputs(1, 4, 2, 16)
+    r, w, k, v, a, b = (x[n] for n in ("r", "w", "k", "v", "a", "b"))
+    with pytest.raises(ValueError, match="r must have 4 dimensions"):
+        op.wkv7(r[0], w, k, v, a, b)
+    with pytest.raises(ValueError, match="w must have shape"):
+        op.wkv7(r, w[:, :3], k, v, a, b)
+    with pytest.raises(ValueError, match="v must have shape"):
+        op.wkv7(r, w, k, v[:, :3], a, b)
+    with pytest.raises(TypeError, match="b must have the same dtype"):
+        op.wkv7(r, w, k, v, a, b.half())
+    with pytest.raises(TypeError, match="k must be"):
+        op.wkv7(r, w, k.int(), v, a, b)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        op.wkv7(r, w, k, v, a, b, initial_state=torch.zeros(1, 2, 16, 8))
+    with pytest.raises(ValueError, match="a is on meta"):
+        op.wkv7(r, w, k, v, a.to("meta"), b)
+    big = torch.zeros(1, 2, 1, 300)
+    with pytest.raises(ValueError, match="head size K"):
+        op.wkv7(big, big, big, big, big, big)
+    with pytest.raises(ValueError, match="T must be >= 1"):
+        op.wkv7(*(t[:, :0] for t in (r, w, k, v, a, b)))
+    with pytest.raises(ValueError, match="multiple of head_size"):
+        op.wkv7_rwkvlm(*(torch.zeros(1, 2, 40) for _ in range(6)), head_size=16)
+
+
+def test_wkv7_fp16_w_is_allowed_and_mixed_dtypes_keep_theirs(device):
+    x = op.make_inputs(1, 5, 1, 16, dtype=torch.float16, w_dtype=torch.float32, device=device)
+    args = [x[n].requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+    o, _ = op.wkv7(*args)
+    grads = torch.autograd.grad(o, args, x["do"])
+    assert o.dtype == torch.float16
+    assert [g.dtype for g in grads] == [t.dtype for t in args]
+
+
+def test_wkv7_opcheck(monkeypatch):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    x = op.make_inputs(1, 5, 1, 16, initial_state=True, seed=1)
+    args = [x[n].requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+    s0 = x["initial_state"].requires_grad_()
+    torch.library.opcheck(torch.ops.scanopt.wkv7_fwd, (*args, 1.0, s0, True, 4))
+    torch.library.opcheck(torch.ops.scanopt.wkv7_fwd, (*args, 1.0, None, False, 16))
+
+
+def test_wkv7_torch_compile_fullgraph(monkeypatch):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    x = op.make_inputs(1, 6, 1, 16, initial_state=True, seed=8)
+    args = [x[n].requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+
+    def f(r, w, k, v, a, b, s0):
+        o, s = op.wkv7(r, w, k, v, a, b, initial_state=s0, output_final_state=True)
+        return (o * o).sum() + s.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args, x["initial_state"])
+    grads = torch.autograd.grad(loss, args)
+    loss_ref = f(*args, x["initial_state"])
+    grads_ref = torch.autograd.grad(loss_ref, args)
+    torch.testing.assert_close(loss, loss_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+def _rwkvlm_clampw_numpy(r, w, k, v, a, b, head_size, s0=None):
+    """RWKV-LM's rwkv7_clampw.cu forward, transcribed: state S[v][k], decay
+    exp(-exp(-0.5) * sigmoid(w)), sa = S a (old state), S = S diag(decay) + sa b^T + v k^T."""
+    r, w, k, v, a, b = (np.asarray(t.detach().double()) for t in (r, w, k, v, a, b))
+    B, T, C = r.shape
+    H, N = C // head_size, head_size
+    shape4 = (B, T, H, N)
+    r, w, k, v, a, b = (t.reshape(shape4) for t in (r, w, k, v, a, b))
+    decay = np.exp(-math.exp(-0.5) / (1.0 + np.exp(-w)))
+    S = np.zeros((B, H, N, N)) if s0 is None else np.asarray(s0.double()).copy()
+    y = np.zeros(shape4)
+    for t in range(T):
+        sa = np.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = (
+            S * decay[:, t, :, None, :]
+            + sa[..., None] * b[:, t, :, None, :]
+            + v[:, t, :, :, None] * k[:, t, :, None, :]
+        )
+        y[:, t] = np.einsum("bhij,bhj->bhi", S, r[:, t])
+    return y.reshape(B, T, C), S
+
+
+def test_wkv7_rwkvlm_adapter(device):
+    B, T, H, N = 1, 21, 2, 16
+    g = torch.Generator().manual_seed(0)
+    x = op.make_inputs(B, T, H, N, device=device, seed=6)
+    w_raw = torch.randn(B, T, H * N, generator=g).to(device) * 2
+    flat = {n: x[n].reshape(B, T, H * N) for n in ("r", "k", "v", "a", "b")}
+    args = (flat["r"], w_raw, flat["k"], flat["v"], flat["a"], flat["b"])
+    y = op.wkv7_rwkvlm(*args, head_size=N)
+    y_ref, s_ref = _rwkvlm_clampw_numpy(*args, head_size=N)
+    assert compare("y", y, y_ref, budget=1e-5).passed
+    # state in RWKV-LM's [v][k] layout, passed through two calls
+    cut = 8
+    y1, s1 = op.wkv7_rwkvlm(*(t[:, :cut] for t in args), head_size=N, output_final_state=True)
+    y2, s2 = op.wkv7_rwkvlm(
+        *(t[:, cut:] for t in args), head_size=N, initial_state=s1, output_final_state=True
+    )
+    assert compare("y", torch.cat([y1, y2], 1), y_ref, budget=1e-5).passed
+    assert compare("state", s2, s_ref, budget=1e-5).passed
+    # gradients reach the raw decay
+    w_leaf = w_raw.clone().requires_grad_()
+    op.wkv7_rwkvlm(args[0], w_leaf, *args[2:], head_size=N).sum().backward()
+    assert w_leaf.grad is not None and torch.isfinite(w_leaf.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run on the H200 with `pytest -m gpu`)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 1000, 4096, 16384])
+def test_wkv7_gpu_bf16_long(gpu_mode, T):
+    x = op.make_inputs(1, T, 2 if T < 16384 else 1, 64, dtype=torch.bfloat16, device="cuda",
+                       decay="rwkv7", initial_state=True, seed=T)  # fmt: skip
+    op.check_case(x, f"bf16-T{T}-{gpu_mode}").assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["strong", "weak", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("K", [16, 32, 64, 128])
+def test_wkv7_gpu_dtypes_heads(gpu_mode, K, dtype, decay):
+    x = op.make_inputs(2, 300, 2, K, dtype=dtype, device="cuda", decay=decay,
+                       w_dtype=_w_dtype(dtype), initial_state=True, seed=K)  # fmt: skip
+    op.check_case(x, f"K{K}-{dtype}-{decay}-{gpu_mode}").assert_ok()
+
+
+@pytest.mark.gpu
+def test_wkv7_gpu_many_programs(gpu_mode):
+    """The anchor's B * H = 128 (every program id and V-block offset exercised)."""
+    x = op.make_inputs(4, 130, 32, 64, dtype=torch.bfloat16, device="cuda", initial_state=True)
+    op.check_case(x, f"B4-H32-{gpu_mode}").assert_ok()
+
+
+@pytest.mark.gpu
+def test_wkv7_gpu_self_check():
+    assert all(rep.passed for rep in op.self_check("cuda", quick=False))
