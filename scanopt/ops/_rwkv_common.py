@@ -78,9 +78,9 @@ def default_config(
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     BK = max(16, next_pow2(K))
     if mode is None:
-        # "recurrent" is the family verified and timed on an H200 (2026-11-28); "chunked" passes
-        # every CPU test but has not run on a GPU yet, so it stays opt-in (config MODE) until a
-        # GPU run verifies it and the tuner can pick it.
+        # "recurrent" is the family whose kernels (an earlier revision) were verified and timed
+        # on an H200 (2026-11-28); "chunked" passes every CPU test but has not run on a GPU, so it
+        # stays opt-in (config MODE) until a GPU run verifies it and the tuner can pick it.
         mode = "recurrent"
     BV = min(max(next_pow2(V), 16), 16)
     cfg = {
