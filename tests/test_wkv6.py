@@ -317,17 +317,29 @@ def test_wkv6_rwkvlm_adapter(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 1000, 4096, 16384])
+@pytest.mark.parametrize("T", [1, 4096, 16384])
 def test_wkv6_gpu_bf16_long(gpu_mode, T):
     x = op.make_inputs(1, T, 2 if T < 16384 else 1, 64, dtype=torch.bfloat16, device="cuda",
                        decay="rwkv6", initial_state=True, seed=T)  # fmt: skip
     op.check_case(x, f"bf16-T{T}-{gpu_mode}").assert_ok()
 
 
+# (K, dtype, decay): every head size, every dtype, both decay extremes, without compiling the
+# full cross product (each (K, dtype, mode) is a separate set of Triton compilations)
+GPU_CASES = [
+    (64, torch.bfloat16, "strong"),
+    (64, torch.bfloat16, "weak"),
+    (64, torch.float16, "mixed"),
+    (64, torch.float32, "mixed"),
+    (16, torch.bfloat16, "mixed"),
+    (32, torch.float32, "strong"),
+    (128, torch.bfloat16, "mixed"),
+    (128, torch.float32, "weak"),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("decay", ["strong", "weak", "mixed"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("K", [16, 32, 64, 128])
+@pytest.mark.parametrize("K,dtype,decay", GPU_CASES)
 def test_wkv6_gpu_dtypes_heads(gpu_mode, K, dtype, decay):
     x = op.make_inputs(2, 300, 2, K, dtype=dtype, device="cuda", decay=decay,
                        w_dtype=_w_dtype(dtype), initial_state=True, seed=K)  # fmt: skip

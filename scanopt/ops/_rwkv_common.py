@@ -82,14 +82,22 @@ def default_config(
         # on an H200 (2026-11-28); "chunked" passes every CPU test but has not run on a GPU, so it
         # stays opt-in (config MODE) until a GPU run verifies it and the tuner can pick it.
         mode = "recurrent"
-    BV = min(max(next_pow2(V), 16), 16)
+    if mode == "chunked" and direction == "bwd":
+        # throughput-bound: whole V per program (no fp32 partial sums over V-blocks), the
+        # V-reductions then cross warps
+        BV = min(max(next_pow2(V), 16), 64 if BK <= 64 else 32)
+        num_warps = 1 if BV * BK <= 1024 else min(16, BV * BK // 512)
+    else:
+        # latency-bound serial loops: one warp, no barriers
+        BV = 16
+        num_warps = 1 if BK <= 64 else 2
     cfg = {
         "MODE": mode,
         "BT": 64,
         "BV": BV,
         "BW": 16,
         "PF": 4 if direction == "fwd" else 2,
-        "num_warps": 1 if BK <= 64 else 2,
+        "num_warps": num_warps,
         "num_stages": 1,
     }
     if direction == "fwd":
