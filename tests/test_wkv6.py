@@ -161,7 +161,7 @@ def test_wkv6_launch_configs_agree(device):
 
     ref = launch.wkv6_bwd(do, dht, *args, 1.0, h0, ck, 16, {"MODE": "recurrent"})
     bwd_configs = [
-        {"MODE": "recurrent", "BV": 32, "PF": 3},
+        {"MODE": "recurrent", "BV": 32, "PF": 8},
         {"MODE": "chunked", "BT": 16, "PF": 1},
         {"MODE": "chunked", "BT": 32, "BV": 32, "BW": 32},
     ]

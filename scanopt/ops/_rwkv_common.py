@@ -67,7 +67,9 @@ def default_config(
       fp32 lives in registers). With ``BV < V`` the backward writes fp32 partial sums over
       V-blocks for the K-side gradients and adds them afterwards (extra memory traffic).
     - ``BW`` (chunked): columns per program of the chunk-transition kernel.
-    - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth).
+    - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
+      recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
+      recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
     - ``num_warps``: 1 keeps every reduction over K inside a warp, so the loops have no
       barriers; ``num_stages`` has no effect on these loops.
 
@@ -88,8 +90,11 @@ def default_config(
         BV = min(max(next_pow2(V), 16), 64 if BK <= 64 else 32)
         num_warps = 1 if BV * BK <= 1024 else min(16, BV * BK // 512)
     else:
-        # latency-bound serial loops: one warp, no barriers
-        BV = 16
+        # latency-bound serial loops: one warp, no barriers. The forward takes BV = 8 (twice the
+        # programs to overlap each other's load latency, no partial sums to pay for); the
+        # backward keeps 16 (each halving of BV doubles its fp32 partial-sum traffic). Both
+        # compile for sm_90 without spills at their PF (ptxas -v, K = 64).
+        BV = 8 if direction == "fwd" and BK <= 64 else 16
         num_warps = 1 if BK <= 64 else 2
     cfg = {
         "MODE": mode,
@@ -119,8 +124,8 @@ def resolve_config(
         if unknown:
             raise ValueError(f"unknown {op} {direction} config keys: {sorted(unknown)}")
         cfg.update(config)
-    if cfg["PF"] < 1:
-        raise ValueError(f"{op} {direction} config: PF must be >= 1, got {cfg}")
+    if not 1 <= cfg["PF"] <= 16:
+        raise ValueError(f"{op} {direction} config: PF must be in 1..16, got {cfg}")
     for key in ("BV", "CHUNK", "BT", "BW"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")

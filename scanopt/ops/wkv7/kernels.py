@@ -105,6 +105,20 @@ def _queue_next(q, xs, t, lo, hi, offs, idx, PF: tl.constexpr, USE: tl.constexpr
 
 
 @triton.jit
+def _queue_set(q, j: tl.constexpr, x, PF: tl.constexpr):
+    """The queue with slot ``j`` replaced by ``x``. Loops unrolled by PF refill the slot they
+    just consumed, so every slot keeps its register across iterations (no queue shift: a shift
+    moves registers whose loads are still in flight, which waits for them every step)."""
+    q2 = ()
+    for i in tl.static_range(PF):
+        if i == j:
+            q2 = q2 + (x,)
+        else:
+            q2 = q2 + (q[i],)
+    return q2
+
+
+@triton.jit
 def _step(h, x_w, x_k, x_a, x_b, x_v):
     """h^T [BV, BK] after one step (inputs as loaded); returns (h_t^T, sa_t, d_t)."""
     b_d = tl.exp(x_w.to(tl.float32))
@@ -197,8 +211,8 @@ def wkv7_fwd_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    HK = H.to(tl.int64) * K
-    HV = H.to(tl.int64) * V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -219,17 +233,18 @@ def wkv7_fwd_kernel(
     p_c = ckpt + i_bh * NT * K * V + o_h
 
     q = _queue_init(xs, 0, 1, 0, T, offs, idx, PF, 63)
-    for t in range(0, T):
-        if STORE_CKPT:
-            if t % CHUNK == 0:
-                tl.store(p_c, b_h, mask=m_h)
-                p_c += K * V
-        x_r, x_w, x_k, x_a, x_b, x_v, _ = q[0]
-        q = _queue_next(q, xs, t + PF, 0, T, offs, idx, PF, 63)
-        b_h, _, _ = _step(b_h, x_w, x_k, x_a, x_b, x_v)
-        b_o = tl.sum(b_h * (x_r.to(tl.float32) * scale)[None, :], 1)  # [BV]
-        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
-        p_o += HV
+    for t_blk in range(0, T, PF):
+        for j in tl.static_range(PF):
+            t = t_blk + j
+            x_r, x_w, x_k, x_a, x_b, x_v, _ = q[j]
+            q = _queue_set(q, j, _load_step(xs, t + PF, 0, T, offs, idx, 63), PF)
+            if t < T:
+                if STORE_CKPT:
+                    if t % CHUNK == 0:
+                        tl.store(p_c + (t // CHUNK) * K * V, b_h, mask=m_h)
+                b_h = _step(b_h, x_w, x_k, x_a, x_b, x_v)[0]
+                b_o = tl.sum(b_h * (x_r.to(tl.float32) * scale)[None, :], 1)  # [BV]
+                tl.store(p_o + t * HV, b_o.to(p_o.dtype.element_ty), mask=m_v)
 
     tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
 
@@ -270,8 +285,8 @@ def wkv7_bwd_kernel(
     n_bh = tl.num_programs(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    HK = H.to(tl.int64) * K
-    HV = H.to(tl.int64) * V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -303,25 +318,45 @@ def wkv7_bwd_kernel(
         # recompute h_{t-1} for every step of the piece into the work space
         b_h = tl.load(ckpt + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
         q = _queue_init(xs, t0, 1, t0, t0 + n, offs, idx, PF, 62)
-        for j in range(0, n):
-            tl.store(p_s + j * BV * BK + o_s, b_h)
-            _, x_w, x_k, x_a, x_b, x_v, _ = q[0]
-            q = _queue_next(q, xs, t0 + j + PF, t0, t0 + n, offs, idx, PF, 62)
-            b_h, _, _ = _step(b_h, x_w, x_k, x_a, x_b, x_v)
+        for j_blk in range(0, n, PF):
+            for jj in tl.static_range(PF):
+                j = j_blk + jj
+                _, x_w, x_k, x_a, x_b, x_v, _ = q[jj]
+                q = _queue_set(q, jj, _load_step(xs, t0 + j + PF, t0, t0 + n, offs, idx, 62), PF)
+                # past the piece's end (j >= n) the masked inputs are zeros: h stays as it is
+                tl.store(p_s + j * BV * BK + o_s, b_h)
+                b_h = _step(b_h, x_w, x_k, x_a, x_b, x_v)[0]
         tl.debug_barrier()
 
         # adjoint over the piece, last step first
         q = _queue_init(xs, t0 + n - 1, -1, t0, t0 + n, offs, idx, PF, 127)
         x_hp = tl.load(p_s + (n - 1) * BV * BK + o_s)
-        for i in range(0, n):
-            t = t0 + n - 1 - i
-            b_hp = x_hp
-            x = q[0]
-            q = _queue_next(q, xs, t - PF, t0, t0 + n, offs, idx, PF, 127)
-            x_hp = tl.load(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s)
-            g = _adjoint(b_hp, b_dh, x, scale)
-            b_dh = g[0]
-            _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)
+        for i_blk in range(0, n, PF):
+            for ii in tl.static_range(PF):
+                i = i_blk + ii
+                t = t0 + n - 1 - i
+                x = q[ii]
+                q = _queue_set(q, ii, _load_step(xs, t - PF, t0, t0 + n, offs, idx, 127), PF)
+                # past the piece's start (i >= n): zero inputs leave dh as it is, no store
+                b_hp = x_hp
+                x_hp = tl.load(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s)
+                g = _adjoint(b_hp, b_dh, x, scale)
+                b_dh = g[0]
+                _store_grads(
+                    gs,
+                    g,
+                    tl.where(i < n, t, -1),
+                    off_x,
+                    off_y,
+                    off_part,
+                    HK,
+                    HV,
+                    o_k,
+                    o_v,
+                    m_k,
+                    m_v,
+                    T,
+                )
         tl.debug_barrier()
 
     if HAS_H0:
@@ -356,8 +391,8 @@ def wkv7_chunk_transition_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
     NT = (T + BT - 1) // BT
-    HK = H.to(tl.int64) * K
-    HV = H.to(tl.int64) * V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
 
     o_k = tl.arange(0, BK)
     col = i_w * BW + tl.arange(0, BW)  # [BW] columns of the augmented state
@@ -463,8 +498,8 @@ def wkv7_chunk_out_kernel(
     i_h = i_bh % H
     CK: tl.constexpr = BT // RATIO
     NS = (T + CK - 1) // CK
-    HK = H.to(tl.int64) * K
-    HV = H.to(tl.int64) * V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -518,8 +553,8 @@ def wkv7_chunk_adjoint_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
     NT = (T + BT - 1) // BT
-    HK = H.to(tl.int64) * K
-    HV = H.to(tl.int64) * V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -642,8 +677,8 @@ def wkv7_chunk_bwd_kernel(
     NT = (T + BT - 1) // BT
     NS = (T + 15) // 16
     R: tl.constexpr = BT // 16
-    HK = H.to(tl.int64) * K
-    HV = H.to(tl.int64) * V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)

@@ -9,6 +9,8 @@ other.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from scanopt._tensor import empty
@@ -148,7 +150,7 @@ def wkv7_bwd(
             r, w, k, v, a, b, do, dht if dht is not None else do, ckpt, work,
             dr, dw, dk, da, db, dv, dh0,
             scale, T, H, K, V,
-            BK=BK, BV=BV, CHUNK=chunk, PF=cfg["PF"],
+            BK=BK, BV=BV, CHUNK=chunk, PF=math.gcd(cfg["PF"], chunk),  # unrolled by PF over chunk-step pieces
             HAS_H0=h0 is not None, HAS_DHT=dht is not None, **_launch_opts(cfg),
         )  # fmt: skip
     else:
