@@ -141,3 +141,8 @@ def test_bad_inputs_name_the_argument(device):
 @pytest.mark.parametrize("W", [2, 3, 4])
 def test_kernel_bf16_gpu(W):
     test_kernel_matches_reference("cuda", 2, 40, 1025, W, True, True, True, torch.bfloat16)
+
+
+def test_torch_backend_matches_reference(device, monkeypatch):
+    monkeypatch.setenv("SCANOPT_BACKEND", "torch")
+    test_kernel_matches_reference(device, 2, 5, 9, 3, True, True, True, torch.float32)

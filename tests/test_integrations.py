@@ -154,6 +154,22 @@ def test_revert_restores_model_outputs(device):
     assert torch.equal(before, after)
 
 
+def test_padding_mask_matches_eager(device):
+    torch.manual_seed(0)
+    model = _llama().to(device).eval()
+    ids = torch.randint(0, VOCAB, (2, 7), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        with si.patch_transformers(model, ops=("attention",)):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    rows = mask.bool()  # padded query rows are not compared (their output is arbitrary)
+    Report("hf-attention-padding").check("logits", got[rows], ref[rows]).passed or pytest.fail(
+        "padded attention differs from eager"
+    )
+
+
 def test_aliases_resolve_to_scanopt():
     from scanopt.ops.causal_conv1d.op import causal_conv1d_fn
     from scanopt.ops.selective_scan.op import selective_scan_fn, selective_state_update

@@ -265,8 +265,8 @@ def _patch_attention(handle: PatchHandle, transformers, model) -> None:
             interface = None
     if interface is None:
         raise RuntimeError(
-            f"transformers {_version(transformers)} has no AttentionInterface (added in 4.48); "
-            "attn_implementation='scanopt' needs transformers>=4.48"
+            f"transformers {_version(transformers)} has no AttentionInterface; "
+            "attn_implementation='scanopt' needs a transformers version that has it"
         )
     # register() writes the class-wide mapping; go through it so the entry can be restored
     handle.set_item(interface._global_mapping, "scanopt", scanopt_attention_forward)

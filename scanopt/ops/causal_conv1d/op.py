@@ -35,6 +35,33 @@ def causal_conv1d_torch(x, weight, bias=None, initial_states=None, silu=False):
     return y.to(x.dtype), final.to(st_dtype).contiguous()
 
 
+def _torch_bwd(dout, dfinal, x, weight, bias, init, silu):
+    """Hand-written VJP of :func:`causal_conv1d_torch` (fp32 math)."""
+    B, D, L = x.shape
+    width = weight.shape[1]
+    zeros = x.new_zeros((B, D, width - 1), dtype=torch.float32)
+    xp = torch.cat([init.float() if init is not None else zeros, x.float()], dim=-1)
+    w = weight.float()
+    g = dout.float()
+    if silu:
+        y = F.conv1d(xp, w.unsqueeze(1), bias.float() if bias is not None else None, groups=D)
+        s = torch.sigmoid(y)
+        g = g * s * (1.0 + y * (1.0 - s))
+    dxp = torch.zeros_like(xp)
+    dw = torch.empty_like(w)
+    for j in range(width):
+        dxp[..., j : j + L] += w[None, :, j, None] * g
+        dw[:, j] = (g * xp[..., j : j + L]).sum(dim=(0, 2))
+    if dfinal is not None:
+        dxp[..., L:] += dfinal.float()
+    return (
+        dxp[..., width - 1 :].to(x.dtype, copy=True),
+        dw.to(weight.dtype),
+        g.sum(dim=(0, 2)).to(bias.dtype) if bias is not None else None,
+        dxp[..., : width - 1].to(init.dtype, copy=True) if init is not None else None,
+    )
+
+
 @torch.library.custom_op("scanopt::causal_conv1d_fwd", mutates_args=())
 def _fwd_op(
     x: Tensor, weight: Tensor, bias: Tensor | None, init: Tensor | None, silu: bool, triton: bool
@@ -71,21 +98,7 @@ def _bwd_op(
 
         dx, dw, db, di = launch.causal_conv1d_bwd(dout, dfinal, x, weight, bias, init, silu)
     else:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() if t is not None else None
-                      for t in (x, weight, bias, init)]  # fmt: skip
-            out, final = causal_conv1d_torch(*leaves, silu=silu)
-            outs, grads = [out], [dout]
-            if dfinal is not None:
-                outs.append(final)
-                grads.append(dfinal)
-            inputs = [t for t in leaves if t is not None]
-            got = iter(torch.autograd.grad(outs, inputs, grads, allow_unused=True))
-            dx, dw, db, di = (next(got) if t is not None else None for t in leaves)
-            dx, dw, db, di = (
-                torch.zeros_like(t) if (g is None and t is not None) else g
-                for g, t in zip((dx, dw, db, di), (x, weight, bias, init))
-            )
+        dx, dw, db, di = _torch_bwd(dout, dfinal, x, weight, bias, init, silu)
     empty = x.new_empty((0,))
     return dx, dw, db if db is not None else empty, di if di is not None else empty
 
