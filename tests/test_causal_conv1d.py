@@ -146,3 +146,13 @@ def test_kernel_bf16_gpu(W):
 def test_torch_backend_matches_reference(device, monkeypatch):
     monkeypatch.setenv("SCANOPT_BACKEND", "torch")
     test_kernel_matches_reference(device, 2, 5, 9, 3, True, True, True, torch.float32)
+
+
+def test_custom_ops_pass_opcheck(device):
+    # fake (meta) kernels, schema and autograd registration agree with the real ops
+    import scanopt.ops.causal_conv1d.op  # noqa: F401  (registers the ops)
+
+    x, w, b, s = _inputs(1, 3, 5, 3, torch.float32, device)
+    triton = device == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    args = (x.requires_grad_(), w.requires_grad_(), b, s, True, triton)
+    torch.library.opcheck(torch.ops.scanopt.causal_conv1d_fwd.default, args)
