@@ -129,8 +129,10 @@ def _patch_mamba(handle: PatchHandle, transformers, model) -> None:
     mixer = getattr(mm, "MambaMixer", None)
     if mixer is None or not hasattr(mixer, "cuda_kernels_forward"):
         raise RuntimeError(
-            f"transformers {_version(transformers)}: MambaMixer.cuda_kernels_forward is absent, "
-            "so scanopt cannot hook HF Mamba's fast path on this version"
+            f"transformers {_version(transformers)}: MambaMixer.cuda_kernels_forward is absent "
+            "(5.x resolves Mamba's kernels through the kernels hub instead), so scanopt cannot "
+            "hook HF Mamba on this version yet; patch_transformers(ops=('rwkv', 'attention')) "
+            "still works, or use transformers 4.5x for Mamba"
         )
     from scanopt.integrations.mamba import mamba_inner_fn
     from scanopt.ops.selective_scan.op import selective_scan_fn, selective_state_update
