@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "selective_scan_fn": "scanopt.ops.selective_scan.op",
     "selective_state_update": "scanopt.ops.selective_scan.op",
+    "causal_conv1d_fn": "scanopt.ops.causal_conv1d.op",
+    "causal_conv1d_update": "scanopt.ops.causal_conv1d.op",
     "wkv4": "scanopt.ops.wkv4.op",
     "wkv6": "scanopt.ops.wkv6.op",
     "wkv7": "scanopt.ops.wkv7.op",

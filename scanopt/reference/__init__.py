@@ -13,10 +13,13 @@ Layouts follow the upstream contracts that scanopt replaces:
   ``(num, den, max)`` each ``(B, C)``.
 - WKV-6 / WKV-7 (flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7``): ``[B, T, H, K]``,
   ``w`` the log decay, state ``[B, H, K, V]``.
+- causal conv1d (causal-conv1d): x ``(batch, dim, L)``, weight ``(dim, width)``, states
+  ``(batch, dim, width - 1)``.
 - attention: torch SDPA's ``(B, H, L, D)`` layout; GQA/MQA by head count.
 """
 
 from scanopt.reference.attention import attention_bwd, attention_fwd
+from scanopt.reference.causal_conv1d import causal_conv1d_bwd, causal_conv1d_fwd
 from scanopt.reference.selective_scan import (
     selective_scan_bwd,
     selective_scan_fwd,
@@ -28,6 +31,8 @@ from scanopt.reference.wkv import wkv4_bwd, wkv4_fwd, wkv6_bwd, wkv6_fwd, wkv7_b
 __all__ = [
     "attention_bwd",
     "attention_fwd",
+    "causal_conv1d_bwd",
+    "causal_conv1d_fwd",
     "selective_scan_bwd",
     "selective_scan_fwd",
     "selective_state_update_bwd",

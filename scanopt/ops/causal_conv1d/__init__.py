@@ -1,0 +1,1 @@
+"""Causal depthwise conv1d (causal-conv1d drop-in)."""
