@@ -18,9 +18,13 @@ from typing import Any
 import torch
 
 
-def eager() -> bool:
-    """True when the custom-op dispatch may be bypassed (not tracing under torch.compile)."""
-    return not torch.compiler.is_compiling()
+def eager(*args: Any) -> bool:
+    """True when the custom-op dispatch may be bypassed: not tracing (``torch.compile``,
+    ``make_fx``, ``opcheck``: no dispatch mode active) and every tensor argument a plain
+    ``torch.Tensor`` (no FakeTensor, FunctionalTensor or other subclass)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
 
 
 def make_function(
@@ -29,8 +33,9 @@ def make_function(
     setup_context: Callable[[Any, tuple, Any], None],
     backward: Callable[..., tuple],
 ) -> type[torch.autograd.Function]:
-    """A ``torch.autograd.Function`` running ``impl(*args)`` forward and ``backward`` (the
-    function given to ``register_autograd``) backward."""
+    """A ``torch.autograd.Function`` running ``impl(*args)`` forward, ``setup_context`` as
+    registered with ``register_autograd``, and ``backward`` (the registered backward, calling
+    the backward implementation directly instead of through its custom op)."""
 
     def forward(ctx: Any, *args: Any) -> Any:
         out = impl(*args)

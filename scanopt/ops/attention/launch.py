@@ -185,8 +185,9 @@ def launch_config(
     Cached per (direction, shapes, dtype, causal, device): a dict access after the first call.
     The returned dict is shared; callers must not mutate it.
     """
+    compiling = torch.compiler.is_compiling()  # sizes may be symbolic: no cache
     key = (direction, batch, heads, lq, head_dim, head_dim_v, dtype, causal, device)
-    cfg = _RESOLVED.get(key)
+    cfg = None if compiling else _RESOLVED.get(key)
     if cfg is None:
         cfg = default_config(
             direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
@@ -195,7 +196,7 @@ def launch_config(
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             shape = {"B": batch, "H": heads, "L": lq, "D": head_dim, "causal": int(causal)}
             cfg = tuned_config("attention", direction, dtype, shape, cfg, device=device)
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _RESOLVED[key] = cfg
     return cfg
 

@@ -276,8 +276,15 @@ def _attention_fwd_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 
 def _attention_fwd_backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
+    return _attention_backward_with(torch.ops.scanopt.attention_bwd, ctx, dout, dlse)
+
+
+def _attention_backward_eager(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
+    return _attention_backward_with(_attention_bwd_impl, ctx, dout, dlse)
+
+
+def _attention_backward_with(bwd: Any, ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
     q, k, v, out, lse = ctx.saved_tensors
-    bwd = _attention_bwd_impl if eager() else torch.ops.scanopt.attention_bwd
     dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, *ctx.params)
     return (dq, dk, dv) + (None,) * len(ctx.params)
 
@@ -285,14 +292,14 @@ def _attention_fwd_backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tupl
 _attention_fwd_op.register_autograd(_attention_fwd_backward, setup_context=_attention_fwd_setup)
 #: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
 _AttentionFunction = make_function(
-    "_AttentionFunction", _attention_fwd_impl, _attention_fwd_setup, _attention_fwd_backward
+    "_AttentionFunction", _attention_fwd_impl, _attention_fwd_setup, _attention_backward_eager
 )
 
 
 def _attention(*args: Any) -> tuple[Tensor, Tensor]:
     """``scanopt::attention_fwd`` with autograd: the custom op under torch.compile, the same
     implementation through a plain autograd.Function in eager mode."""
-    if eager():
+    if eager(*args):
         return apply(_AttentionFunction, _attention_fwd_impl, *args)
     return torch.ops.scanopt.attention_fwd(*args)
 

@@ -153,12 +153,14 @@ def resolve_config(
     The returned dict is shared; callers must not mutate it.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():  # sizes may be symbolic: no cache
+        return _resolve(direction, config, B=B, T=T, C=C, dtype=dtype, device=device)
     key = (direction, B, T, C, dtype, device, tuple(sorted(config.items())) if config else None)
     cfg = _RESOLVED.get(key)
     if cfg is None:
-        cfg = _resolve(direction, config, B=B, T=T, C=C, dtype=dtype, device=device)
-        if not torch.compiler.is_compiling():
-            _RESOLVED[key] = cfg
+        cfg = _RESOLVED[key] = _resolve(
+            direction, config, B=B, T=T, C=C, dtype=dtype, device=device
+        )
     return cfg
 
 

@@ -235,8 +235,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
+    return _backward_with(torch.ops.scanopt.wkv4_bwd, ctx, grad_out, grad_final)
+
+
+def _backward_eager(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
+    return _backward_with(_wkv4_bwd_impl, ctx, grad_out, grad_final)
+
+
+def _backward_with(bwd, ctx, grad_out, grad_final):
     time_decay, time_first, key, value, state, final, states, fidx = ctx.saved_tensors
-    bwd = _wkv4_bwd_impl if eager() else torch.ops.scanopt.wkv4_bwd
     g_td, g_tf, gk, gv, gs = bwd(
         grad_out, grad_final, time_decay, time_first, key, value, state, final, states, fidx,
         ctx.chunk,
@@ -246,7 +253,7 @@ def _backward(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
 
 _wkv4_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 #: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
-_Wkv4Function = make_function("_Wkv4Function", _wkv4_fwd_impl, _setup_context, _backward)
+_Wkv4Function = make_function("_Wkv4Function", _wkv4_fwd_impl, _setup_context, _backward_eager)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,8 +334,8 @@ def wkv4(
 
         cfg = launch.resolve_config("fwd", None, B=B, T=T, C=C, dtype=key.dtype, device=key.device)
         chunk = cfg["chunk"]
-    if eager():
-        args = (time_decay, time_first, key, value, s, chunk)
+    args = (time_decay, time_first, key, value, s, chunk)
+    if eager(*args):
         out, final, _, _ = apply(_Wkv4Function, _wkv4_fwd_impl, *args)
     else:
         out, final, _, _ = torch.ops.scanopt.wkv4_fwd(time_decay, time_first, key, value, s, chunk)
