@@ -95,11 +95,26 @@ def shipped_dir() -> Path:
     return Path(str(shipped_root()))
 
 
+#: the launchers' own caches of resolved launch configs (``register_launch_cache``)
+_LAUNCH_CACHES: list[dict] = []
+
+
+def register_launch_cache(cache: dict) -> dict:
+    """Have :func:`clear_cache` also empty ``cache`` (a launcher's per-shape config cache built
+    on :func:`resolve_config`); returns ``cache``."""
+    if not any(c is cache for c in _LAUNCH_CACHES):
+        _LAUNCH_CACHES.append(cache)
+    return cache
+
+
 def clear_cache() -> None:
-    """Forget every resolved lookup and parsed file (after the stores change in-process)."""
+    """Forget every resolved lookup and parsed file (after the stores change in-process),
+    including the launchers' caches of resolved configs."""
     _RESOLVED.clear()
     _FILES.clear()
     _LOGGED.clear()
+    for c in _LAUNCH_CACHES:
+        c.clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,15 +110,58 @@ def default_config(
     return cfg
 
 
+#: resolve_config's cache (also cleared by ``scanopt.autotune.store.clear_cache``)
+_RESOLVED: dict[tuple, dict] = {}
+
+
 def resolve_config(
-    op: str, direction: str, config: dict | None, *, T: int, K: int, V: int, dtype: torch.dtype
+    op: str,
+    direction: str,
+    config: dict | None,
+    *,
+    T: int,
+    K: int,
+    V: int,
+    dtype: torch.dtype,
+    B: int | None = None,
+    H: int | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """``default_config`` (for the requested ``MODE``, if any) updated with ``config``; unknown
-    keys and bad values raise."""
+    """``default_config`` (for the requested ``MODE``, if any), replaced by a tuned config for
+    this GPU and shape bucket when ``B``, ``H`` and ``device`` are given and the config store
+    has one (``scanopt.autotune``, op ``"wkv6"``/``"wkv7"``, shape ``{B, T, H, K, V}``;
+    consulted where the kernels run: CUDA, or the CPU under the interpreter), then updated with
+    ``config``; unknown keys and bad values raise.
+
+    Cached per arguments: a dict access after the first call. The returned dict is shared;
+    callers must not mutate it.
+    """
+    if torch.compiler.is_compiling():
+        return _resolve(op, direction, config, T, K, V, dtype, B, H, device)
+    items = tuple(sorted(config.items())) if config else None
+    key = (op, direction, items, T, K, V, dtype, B, H, device)
+    cfg = _RESOLVED.get(key)
+    if cfg is None:
+        cfg = _RESOLVED[key] = _resolve(op, direction, config, T, K, V, dtype, B, H, device)
+    return cfg
+
+
+def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
+    from scanopt._env import interpreting
+    from scanopt.autotune import resolve_config as tuned_config
+    from scanopt.autotune.store import register_launch_cache
+
+    register_launch_cache(_RESOLVED)
     mode = (config or {}).get("MODE")
     if mode is not None and mode not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
     cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode)
+    if device is not None and B is not None and H is not None:
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
+            tuned = tuned_config(op, direction, dtype, shape, cfg, device=device)
+            if mode is not None or tuned.get("MODE", cfg["MODE"]) == cfg["MODE"]:
+                cfg = tuned
     if config:
         unknown = set(config) - set(CONFIG_KEYS[direction])
         if unknown:

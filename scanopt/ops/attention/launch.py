@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
 
 from scanopt._env import interpreting
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
+from scanopt.autotune import resolve_config as tuned_config
+from scanopt.autotune.store import register_launch_cache
 from scanopt.ops.attention import kernels
 
 #: largest head dim the kernels take (the public functions send larger ones to PyTorch)
@@ -24,7 +25,11 @@ MAX_HEAD_DIM = 256
 
 def block_dim(d: int) -> int:
     """Head dim padded to the power of two the kernels use (at least 16, the MMA K step)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def mask_params(
@@ -42,10 +47,20 @@ def mask_params(
     return diag, left, right
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device ((0, 0) elsewhere), cached per device index."""
     if device.type != "cuda":
         return (0, 0)
-    return torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = torch.cuda.get_device_capability(index)
+        if not torch.compiler.is_compiling():
+            _CAPABILITY[index] = cap
+    return cap
 
 
 def _fwd(bm: int, bn: int, warps: int, stages: int, tma: bool = False, ws: bool = False) -> dict:
@@ -146,6 +161,46 @@ def default_config(
     return dict((_OTHER_FWD if fwd else _OTHER_BWD)[dclass])
 
 
+#: launch_config's cache (also cleared by ``scanopt.autotune.store.clear_cache``)
+_RESOLVED: dict[tuple, dict[str, Any]] = register_launch_cache({})
+
+
+def launch_config(
+    direction: str,
+    *,
+    batch: int,
+    heads: int,
+    lq: int,
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    causal: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The config a launcher uses when none is passed: :func:`default_config`, replaced by a
+    tuned config for this GPU and shape bucket when the config store has one
+    (``scanopt.autotune``, op ``"attention"``, shape ``{B, H, L, D, causal}`` with L the query
+    length; consulted where the kernels run: CUDA, or the CPU under the interpreter).
+
+    Cached per (direction, shapes, dtype, causal, device): a dict access after the first call.
+    The returned dict is shared; callers must not mutate it.
+    """
+    compiling = torch.compiler.is_compiling()  # sizes may be symbolic: no cache
+    key = (direction, batch, heads, lq, head_dim, head_dim_v, dtype, causal, device)
+    cfg = None if compiling else _RESOLVED.get(key)
+    if cfg is None:
+        cfg = default_config(
+            direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
+            device=device,
+        )  # fmt: skip
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            shape = {"B": batch, "H": heads, "L": lq, "D": head_dim, "causal": int(causal)}
+            cfg = tuned_config("attention", direction, dtype, shape, cfg, device=device)
+        if not compiling:
+            _RESOLVED[key] = cfg
+    return cfg
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """Host tensor descriptors need cc >= 9 (or the interpreter), 16-byte aligned base/strides."""
     t0 = tensors[0]
@@ -212,9 +267,10 @@ def attention_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bsz, hq, lq, d = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or default_config(
-        "fwd", head_dim=d, head_dim_v=dv, dtype=q.dtype, causal=right == 0, device=q.device
-    )
+    cfg = config or launch_config(
+        "fwd", batch=bsz, heads=hq, lq=lq, head_dim=d, head_dim_v=dv, dtype=q.dtype,
+        causal=right == 0, device=q.device,
+    )  # fmt: skip
     out = _alloc((bsz, hq, lq, dv), seq_first, q)
     lse = empty((bsz, hq, lq), torch.float32, q.device)
     if out.numel() == 0 or lq == 0:
@@ -224,7 +280,7 @@ def attention_fwd(
     use_tma = bool(cfg.get("USE_TMA", False)) and _tma_ok(k, v)
     desc_k = _descriptor(k, bn, bd) if use_tma else k
     desc_v = _descriptor(v, bn, bdv) if use_tma else v
-    grid = (triton.cdiv(lq, bm), bsz * hq)
+    grid = (_cdiv(lq, bm), bsz * hq)
     kernels.attn_fwd_kernel[grid](
         q, k, v, out, lse, desc_k, desc_v,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
@@ -264,9 +320,10 @@ def attention_bwd(
     bsz, hq, lq, d = q.shape
     hk, lk, dv_ = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hk
-    cfg = config or default_config(
-        "bwd", head_dim=d, head_dim_v=dv_, dtype=q.dtype, causal=right == 0, device=q.device
-    )
+    cfg = config or launch_config(
+        "bwd", batch=bsz, heads=hq, lq=lq, head_dim=d, head_dim_v=dv_, dtype=q.dtype,
+        causal=right == 0, device=q.device,
+    )  # fmt: skip
     dq = _alloc((bsz, hq, lq, d), seq_first, q)
     dk = _alloc((bsz, hk, lk, d), seq_first, k)
     dv = _alloc((bsz, hk, lk, dv_), seq_first, v)
@@ -284,7 +341,7 @@ def attention_bwd(
 
     delta = empty((bsz, hq, lq), torch.float32, q.device)
     bpre = cfg["BLOCK_M_PRE"]
-    kernels.attn_bwd_preprocess_kernel[(triton.cdiv(lq, bpre), bsz * hq)](
+    kernels.attn_bwd_preprocess_kernel[(_cdiv(lq, bpre), bsz * hq)](
         out, dout, dlse.contiguous() if dlse is not None else lse, delta,
         *_strides3(out), *_strides3(dout), hq, lq, dv_,
         BLOCK_M=bpre, BLOCK_DV=bdv, HAS_DLSE=dlse is not None,
@@ -294,7 +351,7 @@ def attention_bwd(
     bm, bn = cfg["BLOCK_M_KV"], cfg["BLOCK_N_KV"]
     desc_q = _descriptor(q, bm, bd) if use_tma else q
     desc_do = _descriptor(dout, bm, bdv) if use_tma else dout
-    kernels.attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), bsz * hk)](
+    kernels.attn_bwd_dkdv_kernel[(_cdiv(lk, bn), bsz * hk)](
         q, k, v, dout, lse, delta, dk, dv, desc_q, desc_do,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_strides3(dv), hk, group, lq, lk, d, dv_,
@@ -306,7 +363,7 @@ def attention_bwd(
     bm, bn = cfg["BLOCK_M_Q"], cfg["BLOCK_N_Q"]
     desc_k = _descriptor(k, bn, bd) if use_tma else k
     desc_v = _descriptor(v, bn, bdv) if use_tma else v
-    kernels.attn_bwd_dq_kernel[(triton.cdiv(lq, bm), bsz * hq)](
+    kernels.attn_bwd_dq_kernel[(_cdiv(lq, bm), bsz * hq)](
         q, k, v, dout, lse, delta, dq, desc_k, desc_v,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
         hq, group, lq, lk, d, dv_,

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from scanopt._env import backend_for
 from scanopt._tensor import check_tensor
+from scanopt.ops._eager import apply, eager, make_function
 from scanopt.ops.attention import launch
 
 _WARNED: set[str] = set()
@@ -184,8 +185,7 @@ def _native_contiguous(t: Tensor, seq_first: bool) -> Tensor:
     return (t.transpose(1, 2) if seq_first else t).contiguous()
 
 
-@torch.library.custom_op("scanopt::attention_fwd", mutates_args=())
-def _attention_fwd_op(
+def _attention_fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -213,6 +213,11 @@ def _attention_fwd_op(
     return _native_contiguous(out, seq_first), lse.contiguous()
 
 
+_attention_fwd_op = torch.library.custom_op("scanopt::attention_fwd", mutates_args=())(
+    _attention_fwd_impl
+)
+
+
 @_attention_fwd_op.register_fake
 def _attention_fwd_fake(q, k, v, scale, causal, bottom_right, window_left, window_right,
                         softcap, seq_first):  # fmt: skip
@@ -223,8 +228,7 @@ def _attention_fwd_fake(q, k, v, scale, causal, bottom_right, window_left, windo
     return out, lse
 
 
-@torch.library.custom_op("scanopt::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd_impl(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -253,6 +257,11 @@ def _attention_bwd_op(
     return dq, dk, dv
 
 
+_attention_bwd_op = torch.library.custom_op("scanopt::attention_bwd", mutates_args=())(
+    _attention_bwd_impl
+)
+
+
 @_attention_bwd_op.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, scale, causal, bottom_right, window_left,
                         window_right, softcap, seq_first):  # fmt: skip
@@ -267,12 +276,32 @@ def _attention_fwd_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 
 def _attention_fwd_backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
+    return _attention_backward_with(torch.ops.scanopt.attention_bwd, ctx, dout, dlse)
+
+
+def _attention_backward_eager(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
+    return _attention_backward_with(_attention_bwd_impl, ctx, dout, dlse)
+
+
+def _attention_backward_with(bwd: Any, ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.scanopt.attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.params)
+    dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, *ctx.params)
     return (dq, dk, dv) + (None,) * len(ctx.params)
 
 
 _attention_fwd_op.register_autograd(_attention_fwd_backward, setup_context=_attention_fwd_setup)
+#: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
+_AttentionFunction = make_function(
+    "_AttentionFunction", _attention_fwd_impl, _attention_fwd_setup, _attention_backward_eager
+)
+
+
+def _attention(*args: Any) -> tuple[Tensor, Tensor]:
+    """``scanopt::attention_fwd`` with autograd: the custom op under torch.compile, the same
+    implementation through a plain autograd.Function in eager mode."""
+    if eager(*args):
+        return apply(_AttentionFunction, _attention_fwd_impl, *args)
+    return torch.ops.scanopt.attention_fwd(*args)
 
 
 # ------------------------------------------------------------------------------------------
@@ -398,9 +427,7 @@ def flash_attn_func(
         )  # fmt: skip
         out = out.transpose(1, 2)
     else:
-        out, lse = torch.ops.scanopt.attention_fwd(
-            q, k, v, scale, bool(causal), True, wl, wr, float(softcap), True
-        )
+        out, lse = _attention(q, k, v, scale, bool(causal), True, wl, wr, float(softcap), True)
         s_dmask = q.new_empty((0,))
     if return_attn_probs:
         return out, lse, s_dmask
@@ -469,9 +496,7 @@ def scaled_dot_product_attention(
     # keep a (B, L, H, D)-memory query's layout (torch's flash backend does the same)
     seq_first = query.dim() == 4 and query.shape[1] > 1 and query.transpose(1, 2).is_contiguous()
     q, k, v = (_logical(t, seq_first) for t in (query, key, value))
-    out, _ = torch.ops.scanopt.attention_fwd(
-        q, k, v, sm_scale, bool(is_causal), False, -1, -1, 0.0, seq_first
-    )
+    out, _ = _attention(q, k, v, sm_scale, bool(is_causal), False, -1, -1, 0.0, seq_first)
     out = _logical(out, seq_first)
     return out.squeeze(1) if squeeze else out
 

@@ -12,6 +12,8 @@ import torch
 from scanopt._env import interpreting
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
+from scanopt.autotune import resolve_config as tuned_config
+from scanopt.autotune.store import register_launch_cache
 from scanopt.ops._rwkv_common import cdiv, next_pow2
 from scanopt.ops.wkv4.kernels import (
     wkv4_bwd_grad_kernel,
@@ -142,8 +144,43 @@ def resolve_config(
     dtype: torch.dtype,
     device: torch.device | str | None = None,
 ) -> dict:
-    """:func:`default_config` updated with ``config``; unknown keys and bad sizes raise."""
+    """The launch config: :func:`default_config`, replaced by a tuned config for this GPU and
+    shape bucket when the config store has one (``scanopt.autotune``, op ``"wkv4"``, shape
+    ``{B, T, C}``; consulted where the kernels run: CUDA, or the CPU under the interpreter),
+    then updated with ``config``; unknown keys and bad sizes raise.
+
+    Cached per (direction, shape, dtype, device, config): after the first call a dict access.
+    The returned dict is shared; callers must not mutate it.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():  # sizes may be symbolic: no cache
+        return _resolve(direction, config, B=B, T=T, C=C, dtype=dtype, device=device)
+    key = (direction, B, T, C, dtype, device, tuple(sorted(config.items())) if config else None)
+    cfg = _RESOLVED.get(key)
+    if cfg is None:
+        cfg = _RESOLVED[key] = _resolve(
+            direction, config, B=B, T=T, C=C, dtype=dtype, device=device
+        )
+    return cfg
+
+
+#: resolve_config's cache (also cleared by ``scanopt.autotune.store.clear_cache``)
+_RESOLVED: dict[tuple, dict] = register_launch_cache({})
+
+
+def clear_cache() -> None:
+    """Forget resolved launch configs (after the config store changed)."""
+    _RESOLVED.clear()
+
+
+def _resolve(
+    direction: str, config: dict | None, *, B: int, T: int, C: int, dtype: torch.dtype, device
+) -> dict:
     cfg = default_config(direction, B=B, T=T, C=C, dtype=dtype, device=device)
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        cfg = tuned_config("wkv4", direction, dtype, {"B": B, "T": T, "C": C}, cfg, device=device)
+        if direction == "fwd":
+            cfg["block_t"] = min(cfg["block_t"], cfg["chunk"])
     if config:
         unknown = set(config) - set(CONFIG_KEYS[direction])
         if unknown:

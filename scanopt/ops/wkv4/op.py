@@ -14,6 +14,7 @@ from torch import Tensor
 
 from scanopt._env import backend_for
 from scanopt._tensor import FLOAT_DTYPES, check_tensor
+from scanopt.ops._eager import apply, eager, make_function
 
 __all__ = ["wkv4", "wkv4_torch", "self_check"]
 
@@ -151,8 +152,7 @@ def _unstack(state: Tensor | None):
 # torch.library ops (chunk > 0: the Triton kernels with that chunk length; chunk == 0: PyTorch)
 
 
-@torch.library.custom_op("scanopt::wkv4_fwd", mutates_args=())
-def _wkv4_fwd_op(
+def _wkv4_fwd_impl(
     time_decay: Tensor,
     time_first: Tensor,
     key: Tensor,
@@ -171,6 +171,9 @@ def _wkv4_fwd_op(
     return out, final, empty_f, key.new_empty((0,), dtype=torch.int32)
 
 
+_wkv4_fwd_op = torch.library.custom_op("scanopt::wkv4_fwd", mutates_args=())(_wkv4_fwd_impl)
+
+
 @_wkv4_fwd_op.register_fake
 def _(time_decay, time_first, key, value, state, chunk):
     B, T, C = key.shape
@@ -185,8 +188,7 @@ def _(time_decay, time_first, key, value, state, chunk):
     return out, final, states, fidx
 
 
-@torch.library.custom_op("scanopt::wkv4_bwd", mutates_args=())
-def _wkv4_bwd_op(
+def _wkv4_bwd_impl(
     grad_out: Tensor,
     grad_final: Tensor | None,
     time_decay: Tensor,
@@ -214,6 +216,9 @@ def _wkv4_bwd_op(
     return _torch_bwd(grad_out, grad_final, time_decay, time_first, key, value, state)
 
 
+_wkv4_bwd_op = torch.library.custom_op("scanopt::wkv4_bwd", mutates_args=())(_wkv4_bwd_impl)
+
+
 @_wkv4_bwd_op.register_fake
 def _(grad_out, grad_final, time_decay, time_first, key, value, state, final, states, fidx, chunk):
     g_state = (
@@ -230,8 +235,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
+    return _backward_with(torch.ops.scanopt.wkv4_bwd, ctx, grad_out, grad_final)
+
+
+def _backward_eager(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
+    return _backward_with(_wkv4_bwd_impl, ctx, grad_out, grad_final)
+
+
+def _backward_with(bwd, ctx, grad_out, grad_final):
     time_decay, time_first, key, value, state, final, states, fidx = ctx.saved_tensors
-    g_td, g_tf, gk, gv, gs = torch.ops.scanopt.wkv4_bwd(
+    g_td, g_tf, gk, gv, gs = bwd(
         grad_out, grad_final, time_decay, time_first, key, value, state, final, states, fidx,
         ctx.chunk,
     )  # fmt: skip
@@ -239,6 +252,8 @@ def _backward(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
 
 
 _wkv4_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+#: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
+_Wkv4Function = make_function("_Wkv4Function", _wkv4_fwd_impl, _setup_context, _backward_eager)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,9 +332,13 @@ def wkv4(
     if T > 0 and backend_for(key.device.type) == "triton":
         from scanopt.ops.wkv4 import launch
 
-        cfg = launch.default_config("fwd", B=B, T=T, C=C, dtype=key.dtype, device=key.device)
+        cfg = launch.resolve_config("fwd", None, B=B, T=T, C=C, dtype=key.dtype, device=key.device)
         chunk = cfg["chunk"]
-    out, final, _, _ = torch.ops.scanopt.wkv4_fwd(time_decay, time_first, key, value, s, chunk)
+    args = (time_decay, time_first, key, value, s, chunk)
+    if eager(*args):
+        out, final, _, _ = apply(_Wkv4Function, _wkv4_fwd_impl, *args)
+    else:
+        out, final, _, _ = torch.ops.scanopt.wkv4_fwd(time_decay, time_first, key, value, s, chunk)
     if return_state or state is not None:
         return out, list(final.unbind(0))
     return out, None

@@ -57,7 +57,9 @@ def wkv6_fwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config("wkv6", "fwd", config, T=T, K=K, V=V, dtype=r.dtype)
+    cfg = resolve_config(
+        "wkv6", "fwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
+    )
     r, k, v, w, u = (x.contiguous() for x in (r, k, v, w, u))
     h0 = initial_state.contiguous() if initial_state is not None else None
     device = r.device
@@ -118,7 +120,9 @@ def wkv6_bwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config("wkv6", "bwd", config, T=T, K=K, V=V, dtype=r.dtype)
+    cfg = resolve_config(
+        "wkv6", "bwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
+    )
     chunked = cfg["MODE"] == "chunked"
     if chunked and chunk != CKPT_CHUNK:
         raise ValueError(f"wkv6: the chunked backward needs {CKPT_CHUNK}-step checkpoints")

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from scanopt._env import backend_for
 from scanopt._tensor import FLOAT_DTYPES, check_tensor
+from scanopt.ops._eager import apply, eager, make_function
 from scanopt.ops._rwkv_common import (
     cast_grad,
     check_inputs,
@@ -104,8 +105,7 @@ def _torch_bwd(do, dht, r, k, v, w, u, scale, initial_state, ckpt, chunk):
 # torch.library ops
 
 
-@torch.library.custom_op("scanopt::wkv6_fwd", mutates_args=())
-def _wkv6_fwd_op(
+def _wkv6_fwd_impl(
     r: Tensor,
     k: Tensor,
     v: Tensor,
@@ -126,6 +126,9 @@ def _wkv6_fwd_op(
     return _torch_fwd(r, k, v, w, u, scale, initial_state, chunk, store_ckpt)
 
 
+_wkv6_fwd_op = torch.library.custom_op("scanopt::wkv6_fwd", mutates_args=())(_wkv6_fwd_impl)
+
+
 @_wkv6_fwd_op.register_fake
 def _(r, k, v, w, u, scale, initial_state, store_ckpt, chunk):
     B, T, H, K = r.shape
@@ -136,8 +139,7 @@ def _(r, k, v, w, u, scale, initial_state, store_ckpt, chunk):
     return o, ht, r.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("scanopt::wkv6_bwd", mutates_args=())
-def _wkv6_bwd_op(
+def _wkv6_bwd_impl(
     do: Tensor,
     dht: Tensor | None,
     r: Tensor,
@@ -158,6 +160,9 @@ def _wkv6_bwd_op(
     return _torch_bwd(do, dht, r, k, v, w, u, scale, initial_state, ckpt, chunk)
 
 
+_wkv6_bwd_op = torch.library.custom_op("scanopt::wkv6_bwd", mutates_args=())(_wkv6_bwd_impl)
+
+
 @_wkv6_bwd_op.register_fake
 def _(do, dht, r, k, v, w, u, scale, initial_state, ckpt, chunk):
     dh0 = (
@@ -175,14 +180,22 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, _dckpt):
+    return _backward_with(torch.ops.scanopt.wkv6_bwd, ctx, do, dht)
+
+
+def _backward_eager(ctx, do, dht, _dckpt):
+    return _backward_with(_wkv6_bwd_impl, ctx, do, dht)
+
+
+def _backward_with(bwd, ctx, do, dht):
     r, k, v, w, u, initial_state, ckpt = ctx.saved_tensors
-    dr, dk, dv, dw, du, dh0 = torch.ops.scanopt.wkv6_bwd(
-        do, dht, r, k, v, w, u, ctx.scale, initial_state, ckpt, ctx.chunk
-    )
+    dr, dk, dv, dw, du, dh0 = bwd(do, dht, r, k, v, w, u, ctx.scale, initial_state, ckpt, ctx.chunk)
     return dr, dk, dv, dw, du, None, (dh0 if initial_state is not None else None), None, None
 
 
 _wkv6_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+#: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
+_WKV6Function = make_function("_WKV6Function", _wkv6_fwd_impl, _setup_context, _backward_eager)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +249,7 @@ def wkv6(
     if T < 1:
         raise ValueError(f"r: the sequence length T must be >= 1, got shape {tuple(r.shape)}")
     store_ckpt = wants_grad(r, k, v, w, u, initial_state)
-    o, ht, _ = torch.ops.scanopt.wkv6_fwd(
+    args = (
         r,
         k,
         v,
@@ -247,6 +260,10 @@ def wkv6(
         store_ckpt,
         default_chunk(T, K, V),
     )
+    if eager(*args):
+        o, ht, _ = apply(_WKV6Function, _wkv6_fwd_impl, *args)
+    else:
+        o, ht, _ = torch.ops.scanopt.wkv6_fwd(*args)
     return o, (ht if output_final_state else None)
 
 

@@ -58,7 +58,9 @@ def wkv7_fwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config("wkv7", "fwd", config, T=T, K=K, V=V, dtype=r.dtype)
+    cfg = resolve_config(
+        "wkv7", "fwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
+    )
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     h0 = initial_state.contiguous() if initial_state is not None else None
     device = r.device
@@ -119,7 +121,9 @@ def wkv7_bwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config("wkv7", "bwd", config, T=T, K=K, V=V, dtype=r.dtype)
+    cfg = resolve_config(
+        "wkv7", "bwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
+    )
     chunked = cfg["MODE"] == "chunked"
     if chunked and chunk != CKPT_CHUNK:
         raise ValueError(f"wkv7: the chunked backward needs {CKPT_CHUNK}-step checkpoints")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from scanopt._env import backend_for
+from scanopt.ops._eager import apply, eager, make_function
 from scanopt.ops._rwkv_common import (
     cast_grad,
     check_inputs,
@@ -111,8 +112,7 @@ def _torch_bwd(do, dht, r, w, k, v, a, b, scale, initial_state, ckpt, chunk):
 # torch.library ops
 
 
-@torch.library.custom_op("scanopt::wkv7_fwd", mutates_args=())
-def _wkv7_fwd_op(
+def _wkv7_fwd_impl(
     r: Tensor,
     w: Tensor,
     k: Tensor,
@@ -134,6 +134,9 @@ def _wkv7_fwd_op(
     return _torch_fwd(r, w, k, v, a, b, scale, initial_state, chunk, store_ckpt)
 
 
+_wkv7_fwd_op = torch.library.custom_op("scanopt::wkv7_fwd", mutates_args=())(_wkv7_fwd_impl)
+
+
 @_wkv7_fwd_op.register_fake
 def _(r, w, k, v, a, b, scale, initial_state, store_ckpt, chunk):
     B, T, H, K = r.shape
@@ -144,8 +147,7 @@ def _(r, w, k, v, a, b, scale, initial_state, store_ckpt, chunk):
     return o, ht, r.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("scanopt::wkv7_bwd", mutates_args=())
-def _wkv7_bwd_op(
+def _wkv7_bwd_impl(
     do: Tensor,
     dht: Tensor | None,
     r: Tensor,
@@ -167,6 +169,9 @@ def _wkv7_bwd_op(
     return _torch_bwd(do, dht, r, w, k, v, a, b, scale, initial_state, ckpt, chunk)
 
 
+_wkv7_bwd_op = torch.library.custom_op("scanopt::wkv7_bwd", mutates_args=())(_wkv7_bwd_impl)
+
+
 @_wkv7_bwd_op.register_fake
 def _(do, dht, r, w, k, v, a, b, scale, initial_state, ckpt, chunk):
     dh0 = (
@@ -184,14 +189,24 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, _dckpt):
+    return _backward_with(torch.ops.scanopt.wkv7_bwd, ctx, do, dht)
+
+
+def _backward_eager(ctx, do, dht, _dckpt):
+    return _backward_with(_wkv7_bwd_impl, ctx, do, dht)
+
+
+def _backward_with(bwd, ctx, do, dht):
     r, w, k, v, a, b, initial_state, ckpt = ctx.saved_tensors
-    dr, dw, dk, dv, da, db, dh0 = torch.ops.scanopt.wkv7_bwd(
+    dr, dw, dk, dv, da, db, dh0 = bwd(
         do, dht, r, w, k, v, a, b, ctx.scale, initial_state, ckpt, ctx.chunk
     )
     return dr, dw, dk, dv, da, db, None, (dh0 if initial_state is not None else None), None, None
 
 
 _wkv7_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+#: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
+_WKV7Function = make_function("_WKV7Function", _wkv7_fwd_impl, _setup_context, _backward_eager)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +261,7 @@ def wkv7(
     if T < 1:
         raise ValueError(f"r: the sequence length T must be >= 1, got shape {tuple(r.shape)}")
     store_ckpt = wants_grad(r, w, k, v, a, b, initial_state)
-    o, ht, _ = torch.ops.scanopt.wkv7_fwd(
+    args = (
         r,
         w,
         k,
@@ -258,6 +273,10 @@ def wkv7(
         store_ckpt,
         default_chunk(T, K, V),
     )
+    if eager(*args):
+        o, ht, _ = apply(_WKV7Function, _wkv7_fwd_impl, *args)
+    else:
+        o, ht, _ = torch.ops.scanopt.wkv7_fwd(*args)
     return o, (ht if output_final_state else None)
 
 
