@@ -512,3 +512,5 @@ def test_tuned_forward_chunk_is_fitted_to_the_checkpoint_interval(g, r, chunk, w
     cfg = _fit_chunk({"BLOCK_D": 1, "BLOCK_G": g, "BLOCK_R": r, "num_warps": 1}, chunk)
     assert (cfg["BLOCK_G"], cfg["BLOCK_R"]) == want
     assert chunk % (cfg["BLOCK_G"] * cfg["BLOCK_R"]) == 0
+    # the groups given up come back as channels: the tile still covers as many lanes
+    assert cfg["BLOCK_D"] * cfg["BLOCK_G"] == g

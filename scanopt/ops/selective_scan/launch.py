@@ -117,13 +117,18 @@ def checkpoint_chunk(*, batch: int, dim: int, N: int, L: int, dtype, device: tor
 
 def _fit_chunk(cfg: dict, chunk: int) -> dict:
     """Shrink a forward config's chunk ``BLOCK_G * BLOCK_R`` until it divides the checkpoint
-    chunk (a config tuned for inference may use longer chunks than training checkpoints)."""
-    g, r = cfg["BLOCK_G"], cfg["BLOCK_R"]
+    chunk (a config tuned for inference may use longer chunks than training checkpoints).
+
+    Every group given up is made good with channels (``BLOCK_D`` grows by the same factor), so
+    the tile still fills every lane: a tuned ``BLOCK_D=1, BLOCK_G=32`` shrunk to 8 groups would
+    otherwise leave 24 of 32 lanes holding copies."""
+    g, r, bd = cfg["BLOCK_G"], cfg["BLOCK_R"], cfg["BLOCK_D"]
     while chunk % (g * r) and g > 1:
         g //= 2
+        bd *= 2
     while chunk % (g * r) and r > 2:
         r //= 2
-    return {**cfg, "BLOCK_G": g, "BLOCK_R": r}
+    return {**cfg, "BLOCK_D": bd, "BLOCK_G": g, "BLOCK_R": r}
 
 
 def bc_layout(M: Tensor, dim: int) -> tuple[bool, int, int, tuple[int, int, int, int]]:
