@@ -36,9 +36,8 @@ FWD_SWEEP = [
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
 BWD_SWEEP = [
-    (32, 8, 16, 8), (16, 8, 16, 4), (8, 8, 16, 2), (4, 8, 16, 1), (16, 16, 8, 8),
-    (8, 16, 8, 4), (16, 16, 16, 8), (8, 16, 16, 4), (8, 32, 16, 8), (4, 32, 16, 4),
-    (32, 8, 16, 4), (32, 8, 8, 8),
+    (32, 8, 16, 8), (32, 8, 8, 8), (16, 16, 8, 8), (8, 16, 8, 4), (8, 8, 16, 2), (8, 32, 4, 8),
+    (16, 8, 16, 4), (4, 8, 16, 1), (16, 16, 16, 8), (8, 32, 16, 8), (16, 8, 8, 4), (32, 8, 16, 4),
 ]  # fmt: skip
 
 
