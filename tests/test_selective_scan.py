@@ -105,6 +105,8 @@ def _launch_grads(x, fwd_cfg, chunk, bwd_cfg=None):
     [
         # several forward chunks per checkpoint; the backward derives BLOCK_G from the chunk
         ({"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2}, 32, {"BLOCK_D": 4, "BLOCK_R": 2}, 75),
+        # two state columns per iteration of the forward's column loop
+        ({"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2, "COLS": 2}, 16, {"BLOCK_D": 4}, 40),
         # one group per chunk
         ({"BLOCK_G": 1, "BLOCK_R": 16, "BLOCK_D": 8}, 16, {"BLOCK_D": 1}, 75),
         ({"BLOCK_G": 8, "BLOCK_R": 2, "BLOCK_D": 4}, 16, {"BLOCK_G": 4, "BLOCK_D": 8}, 75),
@@ -145,6 +147,26 @@ def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L)
     with pytest.raises(ValueError, match="must divide the checkpoint chunk"):
         launch.selective_scan_fwd(*[x[n] for n in op._TENSORS], True, chunk, True,
                                   config={"BLOCK_G": chunk, "BLOCK_R": 4})  # fmt: skip
+
+
+@pytest.mark.parametrize("N", [1, 5])
+@pytest.mark.parametrize("bk", ["fixed", "variable"])
+def test_forward_two_columns_odd_state_size(device, N, bk):
+    # COLS=2 with N odd: the column past N must add nothing and store nothing
+    x = op.make_inputs(2, 5, 21, N, device=device, B_kind=bk, initial_state=True, seed=N)
+    args = [x[n] for n in op._TENSORS]
+    res = [launch.selective_scan_fwd(*args, True, 8, True,
+                                     config={"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 4, "COLS": c})
+           for c in (1, 2)]  # fmt: skip
+    for a, b in zip(*res):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    np_in = {n: to_numpy(x[n]) for n in op._TENSORS}
+    ref_out, ref_last = selective_scan_fwd(delta_softplus=True, **np_in)
+    report = Report("selective_scan", f"COLS=2 N={N} {bk}")
+    report.check("out", res[1][0], ref_out)
+    report.check("last_state", res[1][1], ref_last)
+    report.assert_ok()
 
 
 def test_outputs_are_fully_written(device):
@@ -512,3 +534,5 @@ def test_tuned_forward_chunk_is_fitted_to_the_checkpoint_interval(g, r, chunk, w
     cfg = _fit_chunk({"BLOCK_D": 1, "BLOCK_G": g, "BLOCK_R": r, "num_warps": 1}, chunk)
     assert (cfg["BLOCK_G"], cfg["BLOCK_R"]) == want
     assert chunk % (cfg["BLOCK_G"] * cfg["BLOCK_R"]) == 0
+    # the groups given up come back as channels: the tile still covers as many lanes
+    assert cfg["BLOCK_D"] * cfg["BLOCK_G"] == g

@@ -505,16 +505,17 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
             fits_threads(nw, p)
             and G <= 32
             and c["BLOCK_D"] * G >= 32 * nw  # every lane holds a (channel, group)
-            and regs_per_thread(rows * c["BLOCK_R"] * c["BLOCK_D"] * G, nw) <= 256
+            and regs_per_thread(rows * c.get("COLS", 1) * c["BLOCK_R"] * c["BLOCK_D"] * G, nw)
+            <= 256
         )
 
     def space(shape: Mapping[str, int], dtype: str, props: DeviceProps) -> Space:
         bds = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max(4, next_pow2(shape["dim"])))
-        return Space(
-            {"BLOCK_D": bds, "BLOCK_G": (2, 4, 8, 16, 32), "BLOCK_R": (4, 8, 16, 32),
-             "num_warps": (1, 2, 4), "num_stages": (1,)},
-            ok,
-        )  # fmt: skip
+        keys = {"BLOCK_D": bds, "BLOCK_G": (2, 4, 8, 16, 32), "BLOCK_R": (4, 8, 16, 32),
+                "num_warps": (1, 2, 4), "num_stages": (1,)}  # fmt: skip
+        if direction == "fwd":
+            keys["COLS"] = (1, 2)  # state columns in flight per thread
+        return Space(keys, ok)
 
     return space
 

@@ -133,14 +133,17 @@ def _load_dt(delta_base, bias, l3, offs_d, mask, s_dt_l, s_dt_d, HAS_BIAS: tl.co
 
 @triton.jit
 def _bc_rows(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d,
-             VAR: tl.constexpr, R: tl.constexpr):  # fmt: skip
-    """B or C of column n for the chunk's rows: R tensors broadcastable to [BD, G]."""
+             VAR: tl.constexpr, R: tl.constexpr, valid=True):  # fmt: skip
+    """B or C of column n for the chunk's rows: R tensors broadcastable to [BD, G] (zeros
+    where ``valid`` is False)."""
     out = ()
     if VAR:
-        v = tl.load(base + n * s_n + l3 * s_l, mask=mask_l3, other=0.0)  # [1, G, R]
+        v = tl.load(base + n * s_n + l3 * s_l, mask=mask_l3 & valid, other=0.0)  # [1, G, R]
         out = _rows(v.to(tl.float32), R)  # R x [1, G]
     else:
-        f = tl.load(fixed_ptr + offs_d * s_d + n * s_n, mask=mask_d, other=0.0).to(tl.float32)
+        f = tl.load(fixed_ptr + offs_d * s_d + n * s_n, mask=mask_d & valid, other=0.0).to(
+            tl.float32
+        )
         for _t in tl.static_range(R):
             out = out + (f[:, None],)  # [BD, 1]
     return out
@@ -174,6 +177,37 @@ def _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, R: tl.constexpr):
     x_in = tl.where(gi == 0, carry, prev)
     x_end = tl.gather(incl, tl.full(carry.shape, G - 1, tl.int32), 1)
     return a_r, inp_r, P, x_in, x_end
+
+
+@triton.jit
+def _fwd_column(n, valid, y_r, dt_r, dtu_r, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs,
+                ck_ptrs, l3, mask_l3, offs_d, mask_d, first_group, gi, dim, N, kk, store_ck,
+                s_A_d, s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR: tl.constexpr,
+                C_VAR: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """One state column of a forward chunk: advance its state over the chunk and add x C to
+    the R rows of ``y_r``. A column with ``valid`` False (past N) reads zeros and stores
+    nothing (decay 1, input 0, C 0: it adds nothing)."""
+    A2n = (
+        tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d & valid, other=0.0).to(tl.float32)[
+            :, None
+        ]
+        * LOG2E
+    )  # [BD, 1]
+    Bt = _bc_rows(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g, B_VAR, R,
+                  valid)  # fmt: skip
+    Ct = _bc_rows(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g, C_VAR, R,
+                  valid)  # fmt: skip
+    keep = first_group & valid
+    carry = tl.load(st_ptrs + n * dim, mask=keep, other=0.0)
+    a_r, inp_r, P, xn, x_end = _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, R)
+    tl.store(st_ptrs + n * dim, x_end, mask=keep)
+    # a mask, not a branch: the chunk stays one basic block for the scheduler
+    tl.store(ck_ptrs + (kk * N + n).to(tl.int64) * dim, x_end, mask=keep & store_ck)
+    new_y = ()
+    for t in tl.static_range(R):
+        xn = a_r[t] * xn + inp_r[t]
+        new_y = new_y + (y_r[t] + xn * Ct[t],)
+    return new_y
 
 
 @triton.jit
@@ -232,6 +266,7 @@ def selective_scan_fwd_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
     CK: tl.constexpr,
+    COLS: tl.constexpr,
 ):
     """out = (sum_n x_t C_t + D u) * silu(z) (batch, dim, L); the states at every CK-th step.
 
@@ -292,27 +327,15 @@ def selective_scan_fwd_kernel(
             y_r = y_r + (zrow,)
         store_ck = STORE_CKPT & (((c + 1) % (CK // BLOCK_L) == 0) | (c == n_chunks - 1))
         kk = c // (CK // BLOCK_L)
-        for n in range(0, N):
-            A2n = (
-                tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d, other=0.0).to(tl.float32)[
-                    :, None
-                ]
-                * LOG2E
-            )  # [BD, 1]
-            Bt = _bc_rows(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g,
-                          B_VAR, BLOCK_R)  # fmt: skip
-            Ct = _bc_rows(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g,
-                          C_VAR, BLOCK_R)  # fmt: skip
-            carry = tl.load(st_ptrs + n * dim, mask=first_group, other=0.0)
-            a_r, inp_r, P, xn, x_end = _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, BLOCK_R)
-            tl.store(st_ptrs + n * dim, x_end, mask=first_group)
-            if store_ck:
-                tl.store(ck_ptrs + (kk * N + n).to(tl.int64) * dim, x_end, mask=first_group)
-            new_y = ()
-            for t in tl.static_range(BLOCK_R):
-                xn = a_r[t] * xn + inp_r[t]
-                new_y = new_y + (y_r[t] + xn * Ct[t],)
-            y_r = new_y
+        # COLS state columns per iteration: independent recurrences the scheduler interleaves
+        for n0 in range(0, N, COLS):
+            for j in tl.static_range(COLS):
+                y_r = _fwd_column(
+                    n0 + j, (n0 + j) < N, y_r, dt_r, dtu_r, A_ptr, B_base, B_ptr, C_base, C_ptr,
+                    st_ptrs, ck_ptrs, l3, mask_l3, offs_d, mask_d, first_group, gi, dim, N, kk,
+                    store_ck, s_A_d, s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR,
+                    C_VAR, BLOCK_R,
+                )  # fmt: skip
         y = _join_rows(y_r, BLOCK_R)  # [BD, G, R]
         if HAS_D:
             y += Dv[:, None, None] * u

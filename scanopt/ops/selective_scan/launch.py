@@ -16,7 +16,7 @@ from scanopt.autotune import resolve_config as tuned_config
 
 #: the keys of a launch config, per kernel (the tuner's search space)
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps", "num_stages"),
+    "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "num_warps", "num_stages"),
     "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps", "num_stages"),
     "update": ("BLOCK_D", "num_warps"),
 }
@@ -53,6 +53,8 @@ def default_config(
       ``BLOCK_G * BLOCK_R``, is also the forward's checkpoint interval: it sets the
       checkpoint memory, ``batch * dim * N * 4 * ceil(L / chunk)`` bytes, and the forward's
       chunk must divide it.
+    - ``COLS`` (forward only): state columns advanced per iteration of the column loop, 1 or 2
+      (2: two independent recurrences in flight per thread, more registers).
     - ``num_warps``, ``num_stages``: as usual.
     """
     if kind not in CONFIG_KEYS:
@@ -71,15 +73,17 @@ def default_config(
         return {"BLOCK_D": 4, "num_warps": 8}
     if device_type != "cuda" or interpreting():
         # the interpreter pays per operation, not per element: wide tiles, short loops
-        return {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
-                "num_stages": 1}  # fmt: skip
+        cfg = {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
+               "num_stages": 1}  # fmt: skip
+        return {**cfg, "COLS": 1} if kind == "fwd" else cfg
     # 8 groups of 16 steps (128-step chunks), one channel per thread. Picked offline from the
     # SASS of the column loop (about 14 instructions per (t, d, n) in the forward with one warp
     # per program; the backward costs about 39 with one warp and 50 with eight, but eight warps
     # cut its per-block dB/dC partial sums, batch * dim/BLOCK_D * N * L * 4 bytes each for
     # variable B/C, eightfold). The tuner refines both per GPU.
     if kind == "fwd":
-        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 1, "num_stages": 1}
+        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 1, "num_warps": 1,
+                "num_stages": 1}  # fmt: skip
     return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 8, "num_stages": 1}
 
 
@@ -101,6 +105,8 @@ def resolve_config(
     for key in ("BLOCK_D", "BLOCK_G", "BLOCK_R"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"{key} must be a power of two, got {cfg[key]}")
+    if "COLS" in cfg and cfg["COLS"] not in (1, 2):
+        raise ValueError(f"COLS must be 1 or 2, got {cfg['COLS']}")
     if "BLOCK_R" in cfg and cfg["BLOCK_R"] < 2:
         raise ValueError(f"BLOCK_R must be at least 2, got {cfg['BLOCK_R']}")
     return cfg
@@ -117,13 +123,18 @@ def checkpoint_chunk(*, batch: int, dim: int, N: int, L: int, dtype, device: tor
 
 def _fit_chunk(cfg: dict, chunk: int) -> dict:
     """Shrink a forward config's chunk ``BLOCK_G * BLOCK_R`` until it divides the checkpoint
-    chunk (a config tuned for inference may use longer chunks than training checkpoints)."""
-    g, r = cfg["BLOCK_G"], cfg["BLOCK_R"]
+    chunk (a config tuned for inference may use longer chunks than training checkpoints).
+
+    Every group given up is made good with channels (``BLOCK_D`` grows by the same factor), so
+    the tile still fills every lane: a tuned ``BLOCK_D=1, BLOCK_G=32`` shrunk to 8 groups would
+    otherwise leave 24 of 32 lanes holding copies."""
+    g, r, bd = cfg["BLOCK_G"], cfg["BLOCK_R"], cfg["BLOCK_D"]
     while chunk % (g * r) and g > 1:
         g //= 2
+        bd *= 2
     while chunk % (g * r) and r > 2:
         r //= 2
-    return {**cfg, "BLOCK_G": g, "BLOCK_R": r}
+    return {**cfg, "BLOCK_D": bd, "BLOCK_G": g, "BLOCK_R": r}
 
 
 def bc_layout(M: Tensor, dim: int) -> tuple[bool, int, int, tuple[int, int, int, int]]:
@@ -208,7 +219,7 @@ def selective_scan_fwd(
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
         B_VAR=bcb[0], C_VAR=bcc[0], STORE_CKPT=bool(store_ckpt),
         BLOCK_D=BD, BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
-        CK=chunk if store_ckpt else BL,
+        CK=chunk if store_ckpt else BL, COLS=cfg.get("COLS", 1),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, state.transpose(1, 2).contiguous(), ckpt
