@@ -228,5 +228,11 @@ def test_mamba_inner_fn_matches_unfused(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["mamba", "rwkv", "attention"])
 def test_patched_matches_unpatched_bf16_gpu(op):
+    if op == "mamba":
+        mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
+        if not hasattr(mm.MambaMixer, "cuda_kernels_forward"):
+            # transformers 5.x (the H100 image has 5.17): patch_transformers raises a clear
+            # RuntimeError for Mamba there, by design (README, issue 9 note)
+            pytest.skip("HF Mamba hook absent in this transformers version (5.x)")
     model, ids = _patched_vs_unpatched(op, "cuda", torch.bfloat16, train=(op == "mamba"))
     _patched_vs_unpatched(op, "cuda", torch.bfloat16, train=False)

@@ -50,7 +50,14 @@ MODES = ("recurrent", "chunked")
 
 
 def default_config(
-    direction: str, *, T: int, K: int, V: int, dtype: torch.dtype, mode: str | None = None
+    direction: str,
+    *,
+    T: int,
+    K: int,
+    V: int,
+    dtype: torch.dtype,
+    mode: str | None = None,
+    op: str | None = None,
 ) -> dict:
     """Heuristic launch config of the WKV-6/7 kernels (for ``mode``, or the default mode).
 
@@ -80,10 +87,14 @@ def default_config(
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
     BK = max(16, next_pow2(K))
     if mode is None:
-        # "recurrent" is the family whose kernels (an earlier revision) were verified and timed
-        # on an H200 (2026-11-28); "chunked" passes every CPU test but has not run on a GPU, so it
-        # stays opt-in (config MODE) until a GPU run verifies it and the tuner can pick it.
+        # both families are verified on a GPU (H100, 2026-12-05); the recurrent one is faster
+        # except for WKV-6's forward, which resolve_config switches to chunked from T >= 256
         mode = "recurrent"
+        if op == "wkv6" and direction == "fwd" and T >= 256 and K <= 128:
+            # H100, 2026-12-05 (bench/notes/wkv6.md): the chunked forward took 0.61 / 0.57 /
+            # 0.57x the recurrent one's time at T = 1k / 4k / 16k; WKV-7's chunked forward is
+            # slower (its chunk transition is a K x K product), the recurrent backward wins
+            mode = "chunked"
     if mode == "chunked" and direction == "bwd":
         # throughput-bound: whole V per program (no fp32 partial sums over V-blocks), the
         # V-reductions then cross warps
@@ -155,7 +166,7 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
     mode = (config or {}).get("MODE")
     if mode is not None and mode not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
-    cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode)
+    cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode, op=op)
     if device is not None and B is not None and H is not None:
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
