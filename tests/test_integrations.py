@@ -109,35 +109,61 @@ def test_patched_matches_unpatched(device, op):
     _cached_generation_matches_full(model, ids[:1, :6], op)
 
 
+def _hf_mamba_hooks(mm):
+    """The names patch_transformers replaces in this transformers' modeling_mamba (4.5x / 5.0
+    vs >= 5.1x layouts) and the scan's name among them."""
+    if hasattr(mm, "mamba_selective_scan"):  # >= 5.1x: hub-wrapped functions
+        names = ("mamba_selective_scan", "mamba_selective_state_update", "mamba_inner_fn",
+                 "causal_conv1d_fn", "causal_conv1d_update")  # fmt: skip
+        return names, "mamba_selective_scan"
+    names = ("selective_scan_fn", "mamba_inner_fn", "selective_state_update")  # 4.5x, 5.0
+    loaders = tuple(n for n in ("_lazy_load_causal_conv1d", "lazy_load_kernel") if n in vars(mm))
+    return names + loaders, "selective_scan_fn"
+
+
 def test_patch_reaches_scanopt_and_revert_restores(device):
     from transformers.models.mamba import modeling_mamba as mm
     from transformers.models.rwkv import modeling_rwkv as mr
 
     from scanopt.ops.selective_scan.op import selective_scan_fn
 
-    before = (mm.selective_scan_fn, mm._lazy_load_causal_conv1d, mm.MambaMixer.forward,
-              mr.rwkv_linear_attention)  # fmt: skip
+    names, scan = _hf_mamba_hooks(mm)
+    before = [vars(mm).get(n) for n in names] + [mm.MambaMixer.forward, mr.rwkv_linear_attention]
     handle = si.patch_transformers()
-    assert mm.selective_scan_fn is selective_scan_fn
-    assert mm.MambaMixer.forward is not before[2]
-    assert mr.rwkv_linear_attention is not before[3]
+    assert getattr(getattr(mm, scan), "__scanopt_hf_adapter__", getattr(mm, scan)) is (
+        selective_scan_fn
+    )
+    assert all(getattr(mm, n) is not b for n, b in zip(names, before))
+    assert mr.rwkv_linear_attention is not before[-1]
     assert "scanopt" in transformers.AttentionInterface._global_mapping
-    calls = []
-    orig = mm.selective_scan_fn
-    mm.selective_scan_fn = lambda *a, **k: calls.append(1) or orig(*a, **k)
     torch.manual_seed(0)
-    model = _mamba().to(device).eval()
+    model = _mamba().to(device).eval()  # built after the patch (5.0 re-resolves kernels here)
+    calls = []
+    orig = getattr(mm, scan)
+    setattr(mm, scan, lambda *a, **k: calls.append(1) or orig(*a, **k))
     with torch.no_grad():
         model(input_ids=torch.randint(0, VOCAB, (1, 5), device=device), use_cache=False)
-    mm.selective_scan_fn = orig
-    assert len(calls) == 2  # one per layer: the fused path ran on this device
+    setattr(mm, scan, orig)
+    assert len(calls) == 2  # one per layer: scanopt's scan ran on this device
     si.revert(handle)
-    after = (mm.selective_scan_fn, mm._lazy_load_causal_conv1d, mm.MambaMixer.forward,
-             mr.rwkv_linear_attention)  # fmt: skip
+    after = [vars(mm).get(n) for n in names] + [mm.MambaMixer.forward, mr.rwkv_linear_attention]
     assert all(a is b for a, b in zip(after, before))
     assert "scanopt" not in transformers.AttentionInterface._global_mapping
     with pytest.raises(ValueError, match="ops"):
         si.patch_transformers(ops=("nope",))
+
+
+def test_hf_adapter_drops_fallback_kwargs_and_refuses_packed_sequences():
+    from scanopt.integrations.transformers import _hf_adapter
+
+    def fn(x, seq_idx=None, activation=None):
+        return (x, seq_idx, activation)
+
+    ad = _hf_adapter(fn, "causal_conv1d_fn")
+    assert ad(1, activation="silu", use_mambapy=True, position_ids=None) == (1, None, "silu")
+    assert ad(1, seq_idx=None, cu_seqlens=None) == (1, None, None)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ad(1, cu_seqlens=torch.tensor([0, 3]))
 
 
 def test_revert_restores_model_outputs(device):
@@ -228,11 +254,5 @@ def test_mamba_inner_fn_matches_unfused(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["mamba", "rwkv", "attention"])
 def test_patched_matches_unpatched_bf16_gpu(op):
-    if op == "mamba":
-        mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
-        if not hasattr(mm.MambaMixer, "cuda_kernels_forward"):
-            # transformers 5.x (the H100 image has 5.17): patch_transformers raises a clear
-            # RuntimeError for Mamba there, by design (README, issue 9 note)
-            pytest.skip("HF Mamba hook absent in this transformers version (5.x)")
     model, ids = _patched_vs_unpatched(op, "cuda", torch.bfloat16, train=(op == "mamba"))
     _patched_vs_unpatched(op, "cuda", torch.bfloat16, train=False)

@@ -2,13 +2,16 @@
 
 What is patched (and restored by :func:`revert`):
 
-- ``mamba``: ``transformers.models.mamba.modeling_mamba``'s module globals ``selective_scan_fn``,
-  ``mamba_inner_fn``, ``selective_state_update`` and the causal-conv1d loader (4.5x:
-  ``_lazy_load_causal_conv1d``; 5.x builds that resolve kernels through ``lazy_load_kernel``:
-  the ``causal_conv1d_fn`` / ``causal_conv1d_update`` globals where present), and
-  ``MambaMixer.forward`` so the fused path (``cuda_kernels_forward``) runs on every device
-  scanopt runs on, not only on CUDA. With ``model=`` only that model's mixers are redirected
-  (the module globals are shared by every model).
+- ``mamba``: ``transformers.models.mamba.modeling_mamba``'s kernel hooks, by layout:
+  4.5x: the module globals ``selective_scan_fn``, ``mamba_inner_fn``, ``selective_state_update``,
+  the causal-conv1d loader ``_lazy_load_causal_conv1d``, and ``MambaMixer.forward`` so the fused
+  path (``cuda_kernels_forward``) runs on every device scanopt runs on, not only on CUDA (with
+  ``model=`` only that model's mixers are redirected; the module globals are shared);
+  5.0: the same, plus ``lazy_load_kernel`` (``MambaMixer.__init__`` re-resolves the globals
+  through it); >= 5.1x: the hub-wrapped functions ``mamba_selective_scan``,
+  ``mamba_selective_state_update``, ``mamba_inner_fn``, ``causal_conv1d_fn`` and
+  ``causal_conv1d_update``, which ``MambaMixer.forward`` calls on every device (module-wide:
+  every Mamba model, ``model=`` or not).
 - ``rwkv``: ``transformers.models.rwkv.modeling_rwkv.rwkv_linear_attention`` -> ``scanopt.wkv4``.
 - ``attention``: ``AttentionInterface.register("scanopt", ...)`` and the matching
   ``AttentionMaskInterface`` entry (SDPA-style masks), so ``attn_implementation="scanopt"``
@@ -17,7 +20,9 @@ What is patched (and restored by :func:`revert`):
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +124,86 @@ def _mixer_forward(
     return self.cuda_kernels_forward(hidden_states, cache_params, cache_position, attention_mask)
 
 
+# Keyword arguments that transformers' own kernel wrappers drop before calling mamba_ssm /
+# causal-conv1d (they select among its PyTorch fallbacks), and those that must never be dropped
+# (packed sequences: dropping them would mix sequences silently).
+_HF_TORCH_ONLY_KWARGS = frozenset({"use_mambapy", "use_associative_scan"})
+_HF_PACKED_KWARGS = ("cu_seqlens", "seq_idx")
+
+
+def _hf_adapter(fn, hf_name: str):
+    """``fn`` called the way transformers' ``use_kernel_func_from_hub_with_fallback`` calls the
+    upstream kernel: keyword arguments ``fn`` does not take are dropped (HF passes its model
+    ``**kwargs`` through), except packed-sequence metadata, which raises instead."""
+    accepted = frozenset(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def adapter(*args, **kwargs):
+        for name in _HF_PACKED_KWARGS:
+            if kwargs.get(name) is not None and name not in accepted:
+                raise ValueError(
+                    f"{hf_name}: {name}= (packed sequences) is not supported by scanopt's "
+                    f"{fn.__name__}; unpad the batch or leave the model unpatched"
+                )
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+    adapter.__scanopt_hf_adapter__ = fn
+    return adapter
+
+
+def _hf_mamba_ssm_namespace() -> types.SimpleNamespace:
+    """What transformers 5.0's ``lazy_load_kernel("mamba-ssm")`` returns, backed by scanopt."""
+    from scanopt.integrations.mamba import mamba_inner_fn
+    from scanopt.ops.selective_scan.op import selective_scan_fn, selective_state_update
+
+    return types.SimpleNamespace(
+        selective_scan_fn=selective_scan_fn,
+        selective_state_update=selective_state_update,
+        mamba_inner_fn=mamba_inner_fn,
+    )
+
+
+def _hf_causal_conv1d_namespace() -> types.SimpleNamespace:
+    conv_fn, conv_update = _causal_conv1d_pair()
+    return types.SimpleNamespace(causal_conv1d_fn=conv_fn, causal_conv1d_update=conv_update)
+
+
+def _lazy_load_kernel_hook(original):
+    """transformers 5.0's ``lazy_load_kernel``, answering mamba-ssm / causal-conv1d with scanopt
+    (``MambaMixer.__init__`` re-resolves its kernel globals through it for every new model)."""
+
+    def lazy_load_kernel(kernel_name, *args, **kwargs):
+        if kernel_name == "mamba-ssm":
+            return _hf_mamba_ssm_namespace()
+        if kernel_name == "causal-conv1d":
+            return _hf_causal_conv1d_namespace()
+        return original(kernel_name, *args, **kwargs)
+
+    return lazy_load_kernel
+
+
+# transformers >= 5.1x: module-level functions wrapped by ``use_kernel_func_from_hub_with_fallback``
+# that ``MambaMixer.forward`` calls on every device; (module global, scanopt function, HF name).
+def _hf_5x_hooks():
+    from scanopt.integrations.mamba import mamba_inner_fn
+    from scanopt.ops.selective_scan.op import selective_scan_fn, selective_state_update
+
+    conv_fn, conv_update = _causal_conv1d_pair()
+    return (
+        ("mamba_selective_scan", selective_scan_fn, "selective_scan_fn"),
+        ("mamba_selective_state_update", selective_state_update, "selective_state_update"),
+        ("mamba_inner_fn", mamba_inner_fn, "mamba_inner_fn"),
+        ("causal_conv1d_fn", conv_fn, "causal_conv1d_fn"),
+        ("causal_conv1d_update", conv_update, "causal_conv1d_update"),
+    )
+
+
 def _patch_mamba(handle: PatchHandle, transformers, model) -> None:
+    """Three layouts of ``modeling_mamba`` are known, told apart by what the module defines:
+    4.5x (``_lazy_load_causal_conv1d`` + ``MambaMixer.cuda_kernels_forward``), 5.0
+    (``lazy_load_kernel`` globals resolved in ``MambaMixer.__init__`` +
+    ``cuda_kernels_forward``) and >= 5.1x (``mamba_selective_scan`` & co., hub wrappers the
+    forward calls on every device)."""
     try:
         mm = importlib.import_module("transformers.models.mamba.modeling_mamba")
     except ImportError as e:
@@ -127,27 +211,49 @@ def _patch_mamba(handle: PatchHandle, transformers, model) -> None:
             f"transformers {_version(transformers)} has no models.mamba.modeling_mamba"
         ) from e
     mixer = getattr(mm, "MambaMixer", None)
-    if mixer is None or not hasattr(mixer, "cuda_kernels_forward"):
+    if mixer is None:
         raise RuntimeError(
-            f"transformers {_version(transformers)}: MambaMixer.cuda_kernels_forward is absent "
-            "(5.x resolves Mamba's kernels through the kernels hub instead), so scanopt cannot "
-            "hook HF Mamba on this version yet; patch_transformers(ops=('rwkv', 'attention')) "
-            "still works, or use transformers 4.5x for Mamba"
+            f"transformers {_version(transformers)}: modeling_mamba has no MambaMixer"
         )
-    from scanopt.integrations.mamba import mamba_inner_fn
-    from scanopt.ops.selective_scan.op import selective_scan_fn, selective_state_update
 
-    conv_fn, conv_update = _causal_conv1d_pair()
-    handle.set(mm, "selective_scan_fn", selective_scan_fn)
-    handle.set(mm, "mamba_inner_fn", mamba_inner_fn)
-    handle.set(mm, "selective_state_update", selective_state_update)
+    if "mamba_selective_scan" in mm.__dict__:  # >= 5.1x
+        hooks = _hf_5x_hooks()
+        missing = [name for name, _, _ in hooks if name not in mm.__dict__]
+        if missing:
+            raise RuntimeError(
+                f"transformers {_version(transformers)}: modeling_mamba lacks {missing}, so "
+                "scanopt cannot hook HF Mamba on this version"
+            )
+        for name, fn, hf_name in hooks:
+            handle.set(mm, name, _hf_adapter(fn, hf_name))
+        return  # the forward already calls these globals on every device, for every model
+
+    if not hasattr(mixer, "cuda_kernels_forward"):
+        raise RuntimeError(
+            f"transformers {_version(transformers)}: modeling_mamba has neither "
+            "MambaMixer.cuda_kernels_forward (4.5x, 5.0) nor mamba_selective_scan (5.1x+), so "
+            "scanopt cannot hook HF Mamba on this version; patch_transformers(ops=('rwkv', "
+            "'attention')) still works"
+        )
+    ssm = _hf_mamba_ssm_namespace()
+    conv = _hf_causal_conv1d_namespace()
+    handle.set(mm, "selective_scan_fn", ssm.selective_scan_fn)
+    handle.set(mm, "mamba_inner_fn", ssm.mamba_inner_fn)
+    handle.set(mm, "selective_state_update", ssm.selective_state_update)
     hooked_conv = False
     if hasattr(mm, "_lazy_load_causal_conv1d"):  # 4.5x: returns (update, fn)
-        handle.set(mm, "_lazy_load_causal_conv1d", lambda: (conv_update, conv_fn))
+        handle.set(
+            mm,
+            "_lazy_load_causal_conv1d",
+            lambda: (conv.causal_conv1d_update, conv.causal_conv1d_fn),
+        )
         hooked_conv = True
-    for name, fn in (("causal_conv1d_fn", conv_fn), ("causal_conv1d_update", conv_update)):
-        if name in mm.__dict__:  # versions that import them as module globals
-            handle.set(mm, name, fn)
+    lazy_globals = "lazy_load_kernel" in mm.__dict__
+    if lazy_globals:  # 5.0: MambaMixer.__init__ (re)creates the kernel globals through it
+        handle.set(mm, "lazy_load_kernel", _lazy_load_kernel_hook(mm.lazy_load_kernel))
+    for name in ("causal_conv1d_fn", "causal_conv1d_update"):
+        if lazy_globals or name in mm.__dict__:  # versions that hold them as module globals
+            handle.set(mm, name, getattr(conv, name))
             hooked_conv = True
     if not hooked_conv:
         raise RuntimeError(
