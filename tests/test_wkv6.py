@@ -21,14 +21,19 @@ def _w_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _force_mode(monkeypatch, mode, **chunked_overrides):
-    """Make the default launch config use one kernel family (``MODE``) in both directions."""
+def _force_mode(monkeypatch, mode, **overrides):
+    """Make the default launch config use one kernel family (``MODE``) in both directions;
+    ``"tc"`` takes bf16/fp16 inputs only, so fp32 inputs keep the recurrent kernels there.
+    ``overrides`` apply to configs of that mode."""
     original = _rwkv_common.default_config
 
     def forced(direction, **kwargs):
-        cfg = original(direction, **{**kwargs, "mode": kwargs.get("mode") or mode})
-        if cfg["MODE"] == "chunked":
-            cfg.update(chunked_overrides)
+        want = kwargs.get("mode") or mode
+        if want == "tc" and kwargs["dtype"] == torch.float32:
+            want = "recurrent"
+        cfg = original(direction, **{**kwargs, "mode": want})
+        if cfg["MODE"] == mode:
+            cfg.update(overrides)
         return cfg
 
     monkeypatch.setattr(_rwkv_common, "default_config", forced)
@@ -42,9 +47,10 @@ def mode(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["recurrent", "chunked"])
+@pytest.fixture(params=["recurrent", "chunked", "tc"])
 def gpu_mode(request, monkeypatch):
-    """Both kernel families with their default block sizes (GPU tests)."""
+    """Every kernel family with its default block sizes (GPU tests; "tc", the tensor-core
+    kernels, runs the bf16/fp16 cases)."""
     _force_mode(monkeypatch, request.param)
     return request.param
 
@@ -104,6 +110,95 @@ def test_wkv6_state_passing_equals_one_run(device, mode):
     torch.testing.assert_close(s2, ht, rtol=1e-5, atol=1e-6)
     for name, g1, g2 in zip([*NAMES, "initial_state"], g_parts, g_full, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def tc(monkeypatch):
+    """The tensor-core kernels (fp16 here: the interpreter cannot do bf16 arithmetic), the
+    forward in 32-step chunks of two sub-chunks, 16-wide V-blocks (partial sums over V)."""
+    _force_mode(monkeypatch, "tc", BT=32, BV=16)
+
+
+@pytest.mark.parametrize("T", [1, 17, 100])
+@pytest.mark.parametrize("decay", ["strong", "mixed"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv6_tc_matches_reference(device, tc, T, decay, with_state):
+    x = op.make_inputs(
+        2 if T < 100 else 1, T, 2, 16, dtype=torch.float16, device=device, decay=decay,
+        w_dtype=torch.float32, initial_state=with_state, seed=T + 7 * with_state,
+    )  # fmt: skip
+    op.check_case(x, f"tc-T{T}-{decay}-h0={with_state}").assert_ok()
+
+
+@pytest.mark.parametrize(
+    "T,K,V,cfg",
+    [
+        (33, 20, 24, {}),  # K, V not powers of two (masked lanes)
+        (70, 16, 40, {"BT": 64}),  # several V-blocks (one partial), four sub-chunks, tail chunk
+        (45, 32, 16, {"BT": 16, "BW": 16}),  # one sub-chunk per chunk
+    ],
+)
+def test_wkv6_tc_odd_heads_and_chunks(device, monkeypatch, T, K, V, cfg):
+    _force_mode(monkeypatch, "tc", **cfg)
+    x = op.make_inputs(1, T, 1, K, V, dtype=torch.float16, device=device, decay="mixed",
+                       w_dtype=torch.float32, initial_state=True, seed=K + T)  # fmt: skip
+    op.check_case(x, f"tc-K{K}-V{V}-{cfg}", scale=0.6).assert_ok()
+
+
+def test_wkv6_tc_state_passing_and_checkpoints(device):
+    """Continuing from a returned state equals one run, and the tensor-core forward writes the
+    recurrent forward's checkpoints (the backward reads them)."""
+    x = op.make_inputs(1, 45, 2, 16, dtype=torch.float16, device=device, decay="mixed",
+                       w_dtype=torch.float32, initial_state=True, seed=5)  # fmt: skip
+    r, k, v, w, u = (x[n] for n in NAMES)
+    h0 = x["initial_state"]
+    tc_cfg = {"MODE": "tc", "BT": 32}
+    o, ht, ck = launch.wkv6_fwd(r, k, v, w, u, 1.0, h0, True, tc_cfg)
+    o_rec, ht_rec, ck_rec = launch.wkv6_fwd(r, k, v, w, u, 1.0, h0, True, {"MODE": "recurrent"})
+    assert compare("o", o, o_rec, budget=2e-3).passed
+    assert compare("ht", ht, ht_rec, budget=1e-5).passed
+    assert compare("ckpt", ck, ck_rec, budget=1e-5).passed
+    cut = 20  # not a multiple of the chunk
+    o1, s1, _ = launch.wkv6_fwd(*(t[:, :cut] for t in (r, k, v, w)), u, 1.0, h0, False, tc_cfg)
+    o2, s2, _ = launch.wkv6_fwd(*(t[:, cut:] for t in (r, k, v, w)), u, 1.0, s1, False, tc_cfg)
+    assert compare("o", torch.cat([o1, o2], 1), o, budget=2e-3).passed
+    assert compare("ht", s2, ht, budget=1e-5).passed
+
+
+def test_wkv6_tc_config_errors(device):
+    x = op.make_inputs(1, 8, 1, 16, device=device, seed=1)
+    args = [x[n] for n in NAMES]
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        launch.wkv6_fwd(*args, 1.0, None, False, {"MODE": "tc"})  # fp32 inputs
+    half = [a.half() for a in args]
+    with pytest.raises(ValueError, match=">= 16"):
+        launch.wkv6_fwd(*half, 1.0, None, False, {"MODE": "tc", "BV": 8})
+    _, _, ck4 = launch.wkv6_fwd(*half, 1.0, None, True, {"MODE": "recurrent", "CHUNK": 4})
+    with pytest.raises(ValueError, match="16-step checkpoints"):
+        launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck4, 4, {"MODE": "tc"})
+
+
+def test_wkv6_forced_mode_reaches_the_public_op(device, monkeypatch):
+    """``forced_mode`` (what ``scanopt bench``'s scanopt-tc provider uses) switches the public
+    op to the tensor-core kernels for fp16 and leaves fp32 and the default alone."""
+    seen = []
+    original = launch._wkv6_fwd_tc
+    monkeypatch.setattr(launch, "_wkv6_fwd_tc", lambda *a: seen.append(1) or original(*a))
+    resolve = _rwkv_common.resolve_config
+    kw = {"T": 40, "K": 16, "V": 16, "B": 1, "H": 1, "device": torch.device(device)}
+    x = op.make_inputs(1, 40, 1, 16, dtype=torch.float16, device=device, w_dtype=torch.float32)
+    with _rwkv_common.forced_mode("wkv6", "tc"):
+        assert resolve("wkv6", "bwd", None, dtype=torch.float16, **kw)["MODE"] == "tc"
+        assert resolve("wkv6", "fwd", None, dtype=torch.float32, **kw)["MODE"] != "tc"
+        o, _ = op.wkv6(*(x[n] for n in NAMES))
+    assert seen == [1]
+    assert resolve("wkv6", "fwd", None, dtype=torch.float16, **kw)["MODE"] != "tc"
+    assert torch.equal(
+        o, launch.wkv6_fwd(*(x[n] for n in NAMES), 1.0, None, False, {"MODE": "tc"})[0]
+    )
+    with pytest.raises(ValueError, match="MODE"):
+        with _rwkv_common.forced_mode("wkv6", "fast"):
+            pass
 
 
 def test_wkv6_no_grad_returns_none_state_and_stores_no_checkpoints(device, monkeypatch):

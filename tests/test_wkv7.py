@@ -22,14 +22,19 @@ def _w_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _force_mode(monkeypatch, mode, **chunked_overrides):
-    """Make the default launch config use one kernel family (``MODE``) in both directions."""
+def _force_mode(monkeypatch, mode, **overrides):
+    """Make the default launch config use one kernel family (``MODE``) in both directions;
+    ``"tc"`` takes bf16/fp16 inputs only, so fp32 inputs keep the recurrent kernels there.
+    ``overrides`` apply to configs of that mode."""
     original = _rwkv_common.default_config
 
     def forced(direction, **kwargs):
-        cfg = original(direction, **{**kwargs, "mode": kwargs.get("mode") or mode})
-        if cfg["MODE"] == "chunked":
-            cfg.update(chunked_overrides)
+        want = kwargs.get("mode") or mode
+        if want == "tc" and kwargs["dtype"] == torch.float32:
+            want = "recurrent"
+        cfg = original(direction, **{**kwargs, "mode": want})
+        if cfg["MODE"] == mode:
+            cfg.update(overrides)
         return cfg
 
     monkeypatch.setattr(_rwkv_common, "default_config", forced)
@@ -43,9 +48,10 @@ def mode(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["recurrent", "chunked"])
+@pytest.fixture(params=["recurrent", "chunked", "tc"])
 def gpu_mode(request, monkeypatch):
-    """Both kernel families with their default block sizes (GPU tests)."""
+    """Every kernel family with its default block sizes (GPU tests; "tc", the tensor-core
+    kernels, runs the bf16/fp16 cases)."""
     _force_mode(monkeypatch, request.param)
     return request.param
 
@@ -104,6 +110,60 @@ def test_wkv7_state_passing_equals_one_run(device, mode):
     torch.testing.assert_close(s2, ht, rtol=1e-5, atol=1e-6)
     for name, g1, g2 in zip([*names, "initial_state"], g_parts, g_full, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+@pytest.mark.parametrize("T", [1, 17, 100])
+@pytest.mark.parametrize("decay", ["strong", "mixed"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv7_tc_matches_reference(device, monkeypatch, T, decay, with_state):
+    """The tensor-core kernels (fp16: the interpreter cannot do bf16 arithmetic), 16-wide
+    V-blocks (partial sums over V in the backward)."""
+    _force_mode(monkeypatch, "tc", BV=16)
+    x = op.make_inputs(
+        2 if T < 100 else 1, T, 2, 16, dtype=torch.float16, device=device, decay=decay,
+        w_dtype=torch.float32, initial_state=with_state, seed=T + 7 * with_state,
+    )  # fmt: skip
+    op.check_case(x, f"tc-T{T}-{decay}-h0={with_state}").assert_ok()
+
+
+@pytest.mark.parametrize(
+    "T,K,V,decay", [(33, 20, 24, "mixed"), (40, 16, 40, "rwkv7"), (19, 32, 16, "weak")]
+)
+def test_wkv7_tc_odd_heads(device, monkeypatch, T, K, V, decay):
+    _force_mode(monkeypatch, "tc")
+    x = op.make_inputs(1, T, 1, K, V, dtype=torch.float16, device=device, decay=decay,
+                       w_dtype=torch.float32, initial_state=True, seed=K + T)  # fmt: skip
+    op.check_case(x, f"tc-K{K}-V{V}", scale=0.6).assert_ok()
+
+
+def test_wkv7_tc_state_passing_and_checkpoints(device):
+    """Continuing from a returned state equals one run, the tensor-core forward writes the
+    recurrent forward's checkpoints, and each backward runs from the other's."""
+    x = op.make_inputs(1, 45, 2, 16, dtype=torch.float16, device=device, decay="mixed",
+                       w_dtype=torch.float32, initial_state=True, seed=5)  # fmt: skip
+    args = [x[n] for n in NAMES]
+    h0, tc = x["initial_state"], {"MODE": "tc"}
+    o, ht, ck = launch.wkv7_fwd(*args, 1.0, h0, True, tc)
+    o_rec, ht_rec, ck_rec = launch.wkv7_fwd(*args, 1.0, h0, True, {"MODE": "recurrent"})
+    assert compare("o", o, o_rec, budget=2e-3).passed
+    assert compare("ht", ht, ht_rec, budget=1e-5).passed
+    assert compare("ckpt", ck, ck_rec, budget=1e-5).passed
+    g_tc = launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck_rec, 16, tc)
+    g_rec = launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, {"MODE": "recurrent"})
+    for name, g1, g2 in zip([*NAMES, "h0"], g_tc, g_rec, strict=True):
+        assert compare(name, g1, g2, budget=2e-3).passed, name
+    cut = 20  # not a multiple of the block
+    o1, s1, _ = launch.wkv7_fwd(*(t[:, :cut] for t in args), 1.0, h0, False, tc)
+    o2, s2, _ = launch.wkv7_fwd(*(t[:, cut:] for t in args), 1.0, s1, False, tc)
+    assert compare("o", torch.cat([o1, o2], 1), o, budget=2e-3).passed
+    assert compare("ht", s2, ht, budget=1e-5).passed
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        launch.wkv7_fwd(*(t.float() for t in args), 1.0, None, False, tc)
+    with pytest.raises(ValueError, match="16-step checkpoints"):
+        launch.wkv7_fwd(*args, 1.0, None, True, {**tc, "CHUNK": 32})
 
 
 def test_wkv7_no_grad_returns_none_state_and_stores_no_checkpoints(device, monkeypatch):

@@ -6,8 +6,9 @@ Nothing here imports Triton at import time.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -47,6 +48,13 @@ CONFIG_KEYS = {
     "bwd": ("MODE", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
 }
 MODES = ("recurrent", "chunked")
+#: modes beyond MODES, per (op, direction): WKV-6's tensor-core forward (bf16/fp16 inputs)
+EXTRA_MODES = {(op, d): ("tc",) for op in ("wkv6", "wkv7") for d in ("fwd", "bwd")}
+
+
+def modes(op: str | None, direction: str) -> tuple[str, ...]:
+    """The ``MODE`` values ``op``'s ``direction`` accepts."""
+    return MODES + EXTRA_MODES.get((op, direction), ())
 
 
 def default_config(
@@ -73,7 +81,13 @@ def default_config(
     - ``BV``: width of the V-block one program owns (its transposed state tile ``[BV, BK]``
       fp32 lives in registers). With ``BV < V`` the backward writes fp32 partial sums over
       V-blocks for the K-side gradients and adds them afterwards (extra memory traffic).
-    - ``BW`` (chunked): columns per program of the chunk-transition kernel.
+    - ``"tc"`` (bf16/fp16 inputs, ``K <= 128``): tensor-core kernels over 16-step blocks with
+      pairwise decay factors (WKV-6's forward output kernel takes chunks of ``BT`` steps in
+      16-step sub-chunks); the backward works block by block from the forward's 16-step
+      checkpoints and the state cotangents of a serial reverse pass. Opt-in until it has run
+      on a GPU.
+    - ``BW`` (chunked): columns per program of the chunk-transition kernel; (tc) the V-block of
+      the serial state / cotangent passes.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -95,6 +109,25 @@ def default_config(
             # 0.57x the recurrent one's time at T = 1k / 4k / 16k; WKV-7's chunked forward is
             # slower (its chunk transition is a K x K product), the recurrent backward wins
             mode = "chunked"
+    if mode == "tc":
+        # one program per (chunk, batch-head) holds the whole V (no recomputed intra-chunk A);
+        # the serial state pass takes 16-wide V-blocks for parallelism (the dot's minimum)
+        cfg = {
+            "MODE": mode,
+            "BT": 64,
+            # whole V up to 64: a narrower block recomputes the intra-block matrices (the exps)
+            # per V-block, and in WKV-6's backward adds fp32 partial sums over V. sm_90 (ptxas,
+            # 3-pass tf32 dots, K = V = 64): WKV-6's output / gradient kernels spill 112 / 72 B
+            # at BV = 64 (76 / 0 at 32); WKV-7's output kernel none. Timing decides (tuner).
+            "BV": min(max(next_pow2(V), 16), 64),
+            "BW": 16,
+            "PF": 1,
+            "num_warps": 8,  # sm_90, K = V = 64: 191 registers, no spills (4 warps spill)
+            "num_stages": 2,
+        }
+        if direction == "fwd":
+            cfg["CHUNK"] = default_chunk(T, K, V)
+        return cfg
     if mode == "chunked" and direction == "bwd":
         # throughput-bound: whole V per program (no fp32 partial sums over V-blocks), the
         # V-reductions then cross warps
@@ -123,6 +156,30 @@ def default_config(
 
 #: resolve_config's cache (also cleared by ``scanopt.autotune.store.clear_cache``)
 _RESOLVED: dict[tuple, dict] = {}
+#: op -> MODE the launches default to inside :func:`forced_mode`
+_FORCED: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def forced_mode(op: str, mode: str) -> Iterator[None]:
+    """Inside the block, launches of ``op`` (``"wkv6"`` / ``"wkv7"``) that do not name a
+    ``MODE`` use ``mode`` in both directions, where the dtype allows it (``"tc"`` skips fp32
+    inputs), instead of the default or tuned one: how ``scanopt bench`` times one kernel family
+    through the public op. Not thread-safe; the resolved-config cache is dropped on entry and
+    exit."""
+    if mode not in modes(op, "fwd") + modes(op, "bwd"):
+        raise ValueError(f"{op}: MODE must be one of {modes(op, 'fwd')}, got {mode!r}")
+    before = _FORCED.get(op)
+    _FORCED[op] = mode
+    _RESOLVED.clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            _FORCED.pop(op, None)
+        else:
+            _FORCED[op] = before
+        _RESOLVED.clear()
 
 
 def resolve_config(
@@ -163,15 +220,19 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
     from scanopt.autotune.store import register_launch_cache
 
     register_launch_cache(_RESOLVED)
+    allowed = modes(op, direction)
     mode = (config or {}).get("MODE")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
+    forced = _FORCED.get(op)
+    if mode is None and forced in allowed and not (forced == "tc" and dtype == torch.float32):
+        mode, config = forced, {**(config or {}), "MODE": forced}
+    if mode is not None and mode not in allowed:
+        raise ValueError(f"{op} {direction} config: MODE must be one of {allowed}, got {mode!r}")
     cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode, op=op)
     if device is not None and B is not None and H is not None:
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
             tuned = tuned_config(op, direction, dtype, shape, cfg, device=device)
-            if mode is not None or tuned.get("MODE", cfg["MODE"]) == cfg["MODE"]:
+            if tuned.get("MODE", cfg["MODE"]) == cfg["MODE"]:  # never another family's keys
                 cfg = tuned
     if config:
         unknown = set(config) - set(CONFIG_KEYS[direction])
@@ -183,13 +244,26 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
     for key in ("BV", "CHUNK", "BT", "BW"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
-    if cfg["MODE"] == "chunked":
+    if cfg["MODE"] not in allowed:
+        raise ValueError(f"{op} {direction} config: MODE must be one of {allowed}, got {cfg}")
+    if cfg["MODE"] in ("chunked", "tc"):
+        mode = cfg["MODE"]
         if K > 128:
-            raise ValueError(f"{op} {direction} config: MODE 'chunked' needs K <= 128, got {K}")
+            raise ValueError(f"{op} {direction} config: MODE {mode!r} needs K <= 128, got {K}")
         if cfg["BT"] < 16 or cfg["BT"] % 16:
-            raise ValueError(f"{op} {direction} config: chunked needs BT a multiple of 16: {cfg}")
+            raise ValueError(f"{op} {direction} config: {mode} needs BT a multiple of 16: {cfg}")
         if direction == "fwd" and cfg["BT"] % cfg["CHUNK"]:
             raise ValueError(f"{op} fwd config: BT must be a multiple of CHUNK, got {cfg}")
+    if cfg["MODE"] == "tc":
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{op} {direction} config: MODE 'tc' takes bf16/fp16 inputs (its log-space decays are "
+                f"not fp32-exact), got {dtype}"
+            )
+        if cfg["BV"] < 16 or cfg["BW"] < 16 or cfg.get("CHUNK", 16) < 16:
+            raise ValueError(
+                f"{op} {direction} config: tc needs BV, BW, CHUNK >= 16 (tl.dot), got {cfg}"
+            )
     return cfg
 
 

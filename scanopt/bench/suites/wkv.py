@@ -73,6 +73,27 @@ def _scanopt(name: str, call: Any) -> Any:
     return lambda: Impl(call(scanopt_function(name)))
 
 
+def _scanopt_mode(name: str, call: Any, mode: str) -> Any:
+    """scanopt's public op with one kernel family forced (``MODE``), e.g. the opt-in ``"tc"``."""
+
+    def load() -> Impl:
+        from scanopt.ops._rwkv_common import forced_mode
+
+        return Impl(
+            call(scanopt_function(name)),
+            context=lambda: forced_mode(name, mode),
+            detail=f"scanopt with MODE={mode!r} forced",
+        )
+
+    return load
+
+
+def _half_only(case: Case) -> str | None:
+    if case.dtype not in ("bfloat16", "float16"):
+        return "the tensor-core kernels take bf16/fp16 only"
+    return None
+
+
 def _rwkv_lm(name: str, call: Any) -> Any:
     def load() -> Impl:
         return Impl(call(rwkv_lm.function(name)), detail=rwkv_lm.describe())
@@ -252,6 +273,12 @@ class WKV6Suite(_WKVSuite):
             self._providers = [
                 Provider("scanopt", "scanopt.wkv6", _scanopt("wkv6", _v6_torch_call)),
                 Provider(
+                    "scanopt-tc",
+                    "scanopt.wkv6, tensor-core kernels (MODE tc, opt-in)",
+                    _scanopt_mode("wkv6", _v6_torch_call, "tc"),
+                    supports=_half_only,
+                ),
+                Provider(
                     "torch",
                     "PyTorch path",
                     _scanopt_or_eager("wkv6", _v6_torch_call, eager.wkv6, "fla's naive loop"),
@@ -345,6 +372,12 @@ class WKV7Suite(_WKVSuite):
         if self._providers is None:
             self._providers = [
                 Provider("scanopt", "scanopt.wkv7", _scanopt("wkv7", _v7_scaled_call)),
+                Provider(
+                    "scanopt-tc",
+                    "scanopt.wkv7, tensor-core kernels (MODE tc, opt-in)",
+                    _scanopt_mode("wkv7", _v7_scaled_call, "tc"),
+                    supports=_half_only,
+                ),
                 Provider(
                     "torch",
                     "PyTorch path",

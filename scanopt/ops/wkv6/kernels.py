@@ -36,6 +36,8 @@ Kernel families (config ``MODE``; same 16-step checkpoints as wkv7):
 import triton
 import triton.language as tl
 
+from scanopt.ops._tc_helpers import prev_rows
+
 # ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
 # (forward 15, recompute 14, adjoint 31, chunk adjoint 25)
 
@@ -671,3 +673,363 @@ def wkv6_chunk_bwd_kernel(
                     _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)
     p_du = du + ((i_v * NT + i_c) * n_bh + i_bh) * K + o_k
     tl.store(p_du, b_du, mask=m_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core chunked forward (``MODE="tc"``, bf16/fp16 inputs).
+#
+# Within a chunk starting at step c with state S = h_{c-1}, with g_i = sum_{s<=i} w_{c+s} and
+# e_i = g_i - w_{c+i} (log decays from the chunk start, both <= 0):
+#
+#     o_i = (q_i * exp(e_i))^T S + sum_{j<i} A_ij v_j + (sum_k q_i u k_i) v_i,
+#     A_ij = sum_k q_i k_j exp(e_i - g_j)                         (j < i, exponent <= 0)
+#
+# A is never factored as exp(e_i) * exp(-g_j) (that overflows once |g| > 88, i.e. a few steps of
+# w = -20). Rows are taken BC (16) at a time: against keys of EARLIER sub-chunks the factor is split
+# at the sub-chunk's start e_a0, exp(e_i - e_a0) * exp(e_a0 - g_j), both factors <= 1, and the
+# product is a tensor-core dot; within the sub-chunk A is formed exactly, one column at a time.
+# The state passing runs on tensor cores too: h <- exp(g_last) h + (k exp(g_last - g))^T v.
+# What remains inexact is the log-space subtraction itself (~|g| * 2^-24 absolute in each
+# exponent, 1e-4 relative at |g| ~ 1e3), fine for bf16/fp16 inputs; fp32 inputs keep the exact
+# product-of-decays kernels above.
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_tc_state_kernel(
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K] log decay
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    hbuf,  # [B, H, NS, K, V] fp32: the state before steps 0, BS, 2 BS, ...
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BS - 1) // BS
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV] offsets of h[k, v]
+    last = (o_s == BS - 1)[:, None]  # [BS, 1]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    p_k = k + i_b * T * HK + i_h * K + o_s[:, None] * HK + o_k[None, :]  # [BS, BK]
+    p_w = w + i_b * T * HK + i_h * K + o_s[:, None] * HK + o_k[None, :]
+    p_v = v + i_b * T * HV + i_h * V + o_s[:, None] * HV + o_v[None, :]  # [BS, BV]
+    for n in range(0, NS):
+        tl.store(hbuf + (i_bh * NS + n) * K * V + o_h, b_h, mask=m_h)
+        m_t = (n * BS + o_s) < T  # tail rows load as k = v = w = 0: no update, decay 1
+        b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_w = tl.load(p_w, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_g = tl.cumsum(b_w, axis=0)  # [BS, BK] inclusive log decay from the block start
+        b_gl = tl.sum(tl.where(last, b_g, 0.0), axis=0)  # [BK] the whole block's
+        b_kf = b_k * tl.exp(b_gl[None, :] - b_g)  # [BS, BK] decay to the block end, <= 1
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kf), b_v, input_precision=PREC)
+        p_k += BS * HK
+        p_w += BS * HK
+        p_v += BS * HV
+    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_tc_out_kernel(
+    r,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K] log decay
+    u,  # [H, K] bonus
+    o,  # [B, T, H, V] output
+    hbuf,  # [B, H, NS, K, V] fp32 states BT // RATIO steps apart; chunk c reads slot c * RATIO
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    RATIO: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BT // RATIO - 1) // (BT // RATIO)
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    t0 = i_c * BT
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_tk = ((t0 + o_t) < T)[:, None] & m_k[None, :]
+    base_k = i_b * T * HK + i_h * K + t0 * HK
+    base_v = i_b * T * HV + i_h * V + t0 * HV
+
+    # log decays of the whole chunk (earlier sub-chunks' keys are reloaded per sub-chunk, so
+    # only this tile and the state stay live across the loop)
+    p_all = base_k + o_t[:, None] * HK + o_k[None, :]  # [BT, BK]
+    b_gall = tl.cumsum(tl.load(w + p_all, mask=m_tk, other=0.0).to(tl.float32), axis=0)
+    b_h = tl.load(
+        hbuf + (i_bh * NS + i_c * RATIO) * K * V + o_k[:, None] * V + o_v[None, :],
+        mask=m_k[:, None] & m_v[None, :],
+        other=0.0,
+    )  # [BK, BV] state before the chunk
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
+    later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1] key j strictly before i
+
+    for a in tl.static_range(BT // BC):
+        m_a = (t0 + a * BC + o_i) < T  # [BC]
+        m_ak = m_a[:, None] & m_k[None, :]
+        p_a = base_k + (a * BC + o_i[:, None]) * HK + o_k[None, :]  # [BC, BK]
+        b_q = tl.load(r + p_a, mask=m_ak, other=0.0).to(tl.float32) * scale
+        b_ka = tl.load(k + p_a, mask=m_ak, other=0.0).to(tl.float32)
+        b_wa = tl.load(w + p_a, mask=m_ak, other=0.0).to(tl.float32)
+        b_va = tl.load(
+            v + base_v + (a * BC + o_i[:, None]) * HV + o_v[None, :],
+            mask=m_a[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BC, BV]
+        before = (o_t < a * BC)[:, None]  # [BT, 1] rows of earlier sub-chunks
+        # [BK] log decay from the chunk start to the sub-chunk start (row a * BC - 1 of g)
+        b_ea0 = tl.sum(tl.where(o_t[:, None] == a * BC - 1, b_gall, 0.0), axis=0)
+        b_g = b_ea0[None, :] + tl.cumsum(b_wa, axis=0)  # [BC, BK] inclusive
+        b_e = prev_rows(b_g, BC) + tl.where(o_i[:, None] == 0, b_ea0[None, :], 0.0)  # exclusive
+
+        b_o = tl.dot(b_q * tl.exp(b_e), b_h, input_precision=PREC)  # [BC, BV] from the state
+        if a > 0:
+            b_kb = tl.load(k + p_all, mask=before & m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+            b_kf = b_kb * tl.exp(tl.where(before, b_ea0[None, :] - b_gall, float("-inf")))
+            b_qf = b_q * tl.exp(b_e - b_ea0[None, :])  # [BC, BK]
+            b_A = tl.dot(b_qf, tl.trans(b_kf), input_precision=PREC)  # [BC, BT]
+            b_vb = tl.load(
+                v + base_v + o_t[:, None] * HV + o_v[None, :],
+                mask=before & ((t0 + o_t) < T)[:, None] & m_v[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BT, BV]
+            b_o += tl.dot(b_A, b_vb, input_precision=PREC)
+        # this sub-chunk, exactly: A[i, j] = sum_k q_i k_j exp(e_i - g_j) for j < i, as one
+        # [BC, BC, BK] tile (no factorisation), plus the bonus on the diagonal
+        b_x = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+        b_Ad = tl.sum(b_q[:, None, :] * b_ka[None, :, :] * b_x, axis=2)  # [BC, BC]
+        b_Ad += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_ka, axis=1)[:, None], 0.0)
+        b_o += tl.dot(b_Ad, b_va, input_precision=PREC)
+        tl.store(
+            o + base_v + (a * BC + o_i[:, None]) * HV + o_v[None, :],
+            b_o.to(o.dtype.element_ty),
+            mask=m_a[:, None] & m_v[None, :],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core backward (``MODE="tc"``, bf16/fp16 inputs), from the forward's 16-step checkpoints.
+#
+# With H_s the state before block s (checkpoint) and D_s the cotangent of the state after its
+# last step (``wkv6_tc_dstate_kernel``), every gradient is local to the block. For steps t, j, i
+# of the block, g / e the inclusive / exclusive log decays from the block start, gL the whole
+# block's, and X[t, j] = exp(e_t - g_j) for j < t (0 otherwise; every factor <= 1):
+#
+#     h_{t-1} = exp(e_t) H_s + sum_{j<t} X[t, j] k_j v_j^T
+#     D_t     = exp(gL - g_t) D_s + sum_{i>t} X[i, t] q_i do_i^T
+#
+# so, with M[i, j] = do_i . v_j and c_t = M[t, t]:
+#
+#     dq_t = exp(e_t) (H_s do_t) + sum_{j<t} M[t, j] X[t, j] k_j + u k_t c_t
+#     dk_j = exp(gL - g_j) (D_s v_j) + sum_{t>j} M[t, j] X[t, j] q_t + u q_j c_j
+#     dv_j = D_s^T (k_j exp(gL - g_j)) + sum_{t>=j} A[t, j] do_t     (A: the forward's, u on its diagonal)
+#     dw_t = exp(w_t) * rowsum(D_t * h_{t-1})                         (direct: no cumsum identity)
+#
+# The last expands into four block-local terms (H.D, H.do, D.v and the pairs j < t < i); each is
+# a product of actual decay factors, so dw keeps its relative accuracy for any decay, unlike
+# fla's dw = revcumsum(q dq - k dk), which cancels to noise when exp(w) is tiny.
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv6_tc_dstate_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K] log decay
+    do,  # [B, T, H, V]
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    dbuf,  # [B, H, NS, K, V] fp32: cotangent of the state after block n's last step
+    dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BS: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BS - 1) // BS
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_s = tl.arange(0, BS)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    last = (o_s == BS - 1)[:, None]
+
+    b_d = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_d += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for m in range(0, NS):
+        n = NS - 1 - m
+        tl.store(dbuf + (i_bh * NS + n) * K * V + o_h, b_d, mask=m_h)
+        m_t = (n * BS + o_s) < T
+        p_x = i_b * T * HK + i_h * K + (n * BS + o_s[:, None]) * HK + o_k[None, :]  # [BS, BK]
+        b_q = tl.load(r + p_x, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_w = tl.load(w + p_x, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_do = tl.load(
+            do + i_b * T * HV + i_h * V + (n * BS + o_s[:, None]) * HV + o_v[None, :],
+            mask=m_t[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BS, BV]
+        b_g = tl.cumsum(b_w, axis=0)
+        b_gl = tl.sum(tl.where(last, b_g, 0.0), axis=0)  # [BK] the whole block's log decay
+        b_qf = b_q * scale * tl.exp(prev_rows(b_g, BS))  # [BS, BK] decay from the block start
+        b_d = b_d * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qf), b_do, input_precision=PREC)
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T", "part_stride"])
+def wkv6_tc_bwd_kernel(
+    r,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    w,  # [B, T, H, K] log decay
+    u,  # [H, K]
+    do,  # [B, T, H, V]
+    ckpt,  # [B, H, NS, K, V] fp32 state before each BC-step block
+    dbuf,  # [B, H, NS, K, V] fp32 cotangent of the state after each block
+    dr,  # [B, T, H, K] (or fp32 partials [NV, B, T, H, K] when part_stride > 0); likewise dk, dw
+    dk,
+    dw,
+    du,  # [NV, NS, B * H, K] fp32 partial sums
+    dv,  # [B, T, H, V]
+    scale,
+    T,
+    H,
+    K,
+    V,
+    part_stride,  # B * T * H * K when the K-side gradients are per-V-block partials, else 0
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    t0 = i_s * BC
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_t = (t0 + o_i) < T
+    m_x = m_t[:, None] & m_k[None, :]  # [BC, BK]
+    m_y = m_t[:, None] & m_v[None, :]  # [BC, BV]
+    p_x = i_b * T * HK + i_h * K + (t0 + o_i[:, None]) * HK + o_k[None, :]
+    p_y = i_b * T * HV + i_h * V + (t0 + o_i[:, None]) * HV + o_v[None, :]
+
+    b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
+    b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
+    b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    o_h = (i_bh * NS + i_s) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_h = m_k[:, None] & m_v[None, :]
+    b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BK, BV] state before the block
+    b_D = tl.load(dbuf + o_h, mask=m_h, other=0.0)  # [BK, BV] cotangent after the block
+
+    diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
+    b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
+    b_e = prev_rows(b_g, BC)
+    b_gl = tl.sum(tl.where((o_i == BC - 1)[:, None], b_g, 0.0), axis=0)  # [BK]
+    b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
+    b_lg = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay from after t to the block end
+    later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1]: j < t
+    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))  # [t, j, BK]
+
+    b_M = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BC, BC] do_t . v_j
+    b_c = tl.sum(tl.where(diag, b_M, 0.0), axis=1)  # [BC] v_t . do_t
+    b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
+    b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # [BC, BK] (D_s v_t)
+
+    b_dq = b_eg * b_Hdo + tl.sum(b_M[:, :, None] * b_k[None, :, :] * b_X, axis=1)
+    b_dq += b_u[None, :] * b_k * b_c[:, None]
+    b_dk = b_lg * b_Dv + tl.sum(b_M[:, :, None] * b_q[:, None, :] * b_X, axis=0)
+    b_dk += b_u[None, :] * b_q * b_c[:, None]
+    b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_X, axis=2)  # [BC, BC] the forward's A
+    b_A += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_k, axis=1)[:, None], 0.0)
+    b_dv = tl.dot(b_k * b_lg, b_D, input_precision=PREC)  # [BC, BV]
+    b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PREC)
+    b_du = tl.sum(b_q * b_k * b_c[:, None], axis=0)  # [BK]
+
+    # dw_t = exp(w_t) * rowsum(D_t * h_{t-1}): state x state, state x block, block x block
+    b_z = b_eg * b_lg * tl.sum(b_H * b_D, axis=1)[None, :]
+    b_z += b_eg * tl.sum(b_X * (b_q * b_Hdo)[:, None, :], axis=0)  # i > t: X[i, t] q_i (H do_i)
+    b_z += b_lg * tl.sum(b_X * (b_k * b_Dv)[None, :, :], axis=1)  # j < t: X[t, j] k_j (D v_j)
+    b_qX = b_X * b_q[:, None, :]  # [i, t, BK] X[i, t] q_i
+    for t in range(0, BC):  # pairs j < t < i: X[t, j] X[i, t] k_j q_i M[i, j]
+        sel = (o_i == t)[:, None]
+        b_a = b_k * tl.sum(tl.where((o_i == t)[:, None, None], b_X, 0.0), axis=0)  # X[t, j] k_j
+        b_b = tl.sum(tl.where((o_i == t)[None, :, None], b_qX, 0.0), axis=1)  # X[i, t] q_i
+        b_P = tl.dot(b_M, b_a, input_precision=PREC)  # [BC(i), BK] sum_j M[i, j] a_j
+        b_z += tl.where(sel, tl.sum(b_b * b_P, axis=0)[None, :], 0.0)
+    b_dw = tl.exp(b_w) * b_z
+
+    p_part = i_v * part_stride + p_x
+    tl.store(dr + p_part, (b_dq * scale).to(dr.dtype.element_ty), mask=m_x)
+    tl.store(dk + p_part, b_dk.to(dk.dtype.element_ty), mask=m_x)
+    tl.store(dw + p_part, b_dw.to(dw.dtype.element_ty), mask=m_x)
+    tl.store(dv + p_y, b_dv.to(dv.dtype.element_ty), mask=m_y)
+    n_bh = tl.num_programs(2)
+    tl.store(du + ((i_v * NS + i_s) * n_bh + i_bh) * K + o_k, b_du, mask=m_k)

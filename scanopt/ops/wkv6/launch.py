@@ -77,6 +77,9 @@ def wkv6_fwd(
         )  # fmt: skip
         return o, ht, ckpt
 
+    if cfg["MODE"] == "tc":
+        return _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg)
+
     BK, BT = next_pow2(K), cfg["BT"]
     NT = cdiv(T, BT)
     ratio = BT // CK if store_ckpt else 1
@@ -93,6 +96,35 @@ def wkv6_fwd(
     kernels.wkv6_chunk_out_kernel[(NV, NT, B * H)](
         r, k, v, w, u, o, hbuf, scale, T, H, K, V,
         BK=BK, BV=BV, BT=BT, RATIO=ratio, PF=cfg["PF"], **_launch_opts(cfg),
+    )  # fmt: skip
+    return o, ht, ckpt
+
+
+#: tl.dot input precision of the tensor-core kernels: 3-pass tf32 (about fp32). One-pass tf32
+#: rounds the fp32 decay-scaled operands to 2^-11, ~1e-4 relative in the fp32 final state and
+#: dh0, over the verify limit there (2x the fp32 PyTorch path's error, at least 4e-6)
+_TC_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3"}
+
+
+def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
+    """``MODE="tc"``: states every ``CHUNK`` (checkpoints) or ``BT`` steps on tensor cores,
+    then every chunk's output in parallel."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    BK, BT = max(16, next_pow2(K)), cfg["BT"]
+    BS = cfg["CHUNK"] if store_ckpt else BT  # steps between the stored states
+    hbuf = ckpt
+    if not store_ckpt:
+        hbuf = torch.empty((B, H, cdiv(T, BS), K, V), dtype=torch.float32, device=r.device)
+    prec = _TC_PRECISION[r.dtype]
+    opts = _launch_opts(cfg)
+    kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
+        k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
+        BK=BK, BV=cfg["BW"], BS=BS, HAS_H0=h0 is not None, PREC=prec, **opts,
+    )  # fmt: skip
+    kernels.wkv6_tc_out_kernel[(cdiv(V, cfg["BV"]), cdiv(T, BT), B * H)](
+        r, k, v, w, u, o, hbuf, scale, T, H, K, V,
+        BK=BK, BV=cfg["BV"], BT=BT, BC=16, RATIO=BT // BS, PREC=prec, **opts,
     )  # fmt: skip
     return o, ht, ckpt
 
@@ -124,8 +156,8 @@ def wkv6_bwd(
         "wkv6", "bwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
     )
     chunked = cfg["MODE"] == "chunked"
-    if chunked and chunk != CKPT_CHUNK:
-        raise ValueError(f"wkv6: the chunked backward needs {CKPT_CHUNK}-step checkpoints")
+    if cfg["MODE"] in ("chunked", "tc") and chunk != CKPT_CHUNK:
+        raise ValueError(f"wkv6: the {cfg['MODE']} backward needs {CKPT_CHUNK}-step checkpoints")
     r, k, v, w, u, do = (x.contiguous() for x in (r, k, v, w, u, do))
     h0 = initial_state.contiguous() if initial_state is not None else None
     dht = dht.contiguous() if dht is not None else None
@@ -146,7 +178,24 @@ def wkv6_bwd(
     dv = empty((B, T, H, V), v.dtype, device)
     dh0_dtype = h0.dtype if h0 is not None else torch.float32
     dh0 = empty((B, H, K, V) if h0 is not None else (0,), dh0_dtype, device)
-    if not chunked:
+    if cfg["MODE"] == "tc":
+        NS = cdiv(T, CKPT_CHUNK)
+        prec = _TC_PRECISION[r.dtype]
+        opts = _launch_opts(cfg)
+        dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
+        kernels.wkv6_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
+            r, w, do, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
+            BK=max(16, BK), BV=cfg["BW"], BS=CKPT_CHUNK, HAS_DHT=dht is not None,
+            HAS_H0=h0 is not None, PREC=prec, **opts,
+        )  # fmt: skip
+        du = empty((NV, NS, B, H, K), torch.float32, device)
+        kernels.wkv6_tc_bwd_kernel[(NV, NS, B * H)](
+            r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
+            B * T * H * K if NV > 1 else 0,
+            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, PREC=prec, **opts,
+        )  # fmt: skip
+        du = du.flatten(0, 1)
+    elif not chunked:
         du = empty((NV, B, H, K), torch.float32, device)
         work = torch.empty((NV * B * H, chunk, BV, BK), dtype=torch.float32, device=device)
         kernels.wkv6_bwd_kernel[(NV, B * H)](

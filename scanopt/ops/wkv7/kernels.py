@@ -47,6 +47,8 @@ before steps 0, CHUNK, 2 CHUNK, ... in a ``[B, H, NT, K, V]`` tensor.
 import triton
 import triton.language as tl
 
+from scanopt.ops._tc_helpers import last_row, prev_rows, unit_lower_inverse
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -722,3 +724,501 @@ def wkv7_chunk_bwd_kernel(
                     g = _adjoint(hp, b_dh, _load_step(xs, t, 0, T, offs, idx, 127), scale)
                     b_dh = g[0]
                     _store_grads(gs, g, t, off_x, off_y, off_part, HK, HV, o_k, o_v, m_k, m_v, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core kernels (``MODE="tc"``, bf16/fp16 inputs), 16-step blocks.
+#
+# In a block with start state H, g / e the inclusive / exclusive log decays from the block start
+# and pairwise factors X[t, j] = exp(e_t - g_j) (j < t) and Y[t, j] = exp(g_t - g_j) (j <= t),
+# every one a product of actual decays (<= 1, never exp of a positive number), unrolling
+#     h_t = diag(d_t) h_{t-1} + b_t sa_t + k_t v_t^T,   sa_t = a_t^T h_{t-1}   ([V] rows)
+# gives, with Aab[t, j] = sum_k a_t b_j X[t, j] (and Aak, Aqb, Aqk alike; the q-ones with Y):
+#     SA   = (I - Aab)^{-1} ((a * exp(e)) H + Aak V)                       [16, V]
+#     o    = (q * exp(g)) H + Aqb SA + Aqk V
+#     H'   = exp(gL) H + (b * exp(gL - g))^T SA + (k * exp(gL - g))^T V
+# (I - Aab)^{-1} of the strictly lower Aab is (I + L)(I + L^2)(I + L^4)(I + L^8).
+# ``wkv7_tc_prep_kernel`` (parallel) forms AW = (I - Aab)^{-1} (a * exp(e)) [16, K] and
+# WK = (I - Aab)^{-1} Aak [16, 16] per block; ``wkv7_tc_state_kernel`` (serial per (batch-head,
+# V-block)) passes H with SA = AW H + WK V; ``wkv7_tc_out_kernel`` (parallel) writes o.
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_prep_kernel(
+    w,  # [B, T, H, K] log decay
+    k,  # [B, T, H, K]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    aw,  # [B, H, NS, BC, K] fp32: (I - Aab)^{-1} (a * exp(e)) per block
+    wk,  # [B, H, NS, BC, BC] fp32: (I - Aab)^{-1} Aak per block
+    T,
+    H,
+    K,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+):
+    i_s = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    o_k = tl.arange(0, BK)
+    o_i = tl.arange(0, BC)
+    m_x = ((i_s * BC + o_i) < T)[:, None] & (o_k < K)[None, :]
+    p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]  # [BC, BK]
+    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
+
+    b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
+    b_e = prev_rows(b_g, BC)
+    later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1]: j < t
+    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))  # [t, j, BK]
+    b_Aab = tl.sum(b_a[:, None, :] * b_b[None, :, :] * b_X, axis=2)  # [BC, BC]
+    b_Aak = tl.sum(b_a[:, None, :] * b_k[None, :, :] * b_X, axis=2)
+    b_inv = unit_lower_inverse(b_Aab, BC)
+    b_aw = tl.dot(b_inv, b_a * tl.exp(b_e), input_precision="ieee")  # [BC, BK]
+    b_wk = tl.dot(b_inv, b_Aak, input_precision="ieee")  # [BC, BC]
+    blk = i_bh * NS + i_s
+    tl.store(aw + blk * BC * K + o_i[:, None] * K + o_k[None, :], b_aw, mask=(o_k < K)[None, :])
+    tl.store(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :], b_wk)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_state_kernel(
+    w,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    b,  # [B, T, H, K]
+    aw,  # [B, H, NS, BC, K] fp32
+    wk,  # [B, H, NS, BC, BC] fp32
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    hbuf,  # [B, H, NS, K, V] fp32: the state before every block
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for n in range(0, NS):
+        blk = i_bh * NS + n
+        tl.store(hbuf + blk * K * V + o_h, b_h, mask=m_h)
+        m_t = (n * BC + o_i) < T
+        p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
+        m_x = m_t[:, None] & m_k[None, :]
+        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_v = tl.load(
+            v + i_b * T * HV + i_h * V + (n * BC + o_i[:, None]) * HV + o_v[None, :],
+            mask=m_t[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BC, BV]
+        b_aw = tl.load(aw + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
+        b_wk = tl.load(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])  # [BC, BC]
+        b_g = tl.cumsum(b_w, axis=0)
+        b_gl = last_row(b_g, BC)  # [BK]
+        b_tail = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay after step t to the block end
+        b_sa = tl.dot(b_aw, b_h, input_precision=PREC) + tl.dot(b_wk, b_v, input_precision=PREC)
+        b_h = b_h * tl.exp(b_gl)[:, None]
+        b_h += tl.dot(tl.trans(b_b * b_tail), b_sa, input_precision=PREC)
+        b_h += tl.dot(tl.trans(b_k * b_tail), b_v, input_precision=PREC)
+    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_out_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    b,  # [B, T, H, K]
+    aw,  # [B, H, NS, BC, K] fp32
+    wk,  # [B, H, NS, BC, BC] fp32
+    o,  # [B, T, H, V] output
+    hbuf,  # [B, H, NS, K, V] fp32 state before each block
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_t = (i_s * BC + o_i) < T
+    m_x = m_t[:, None] & m_k[None, :]
+    m_y = m_t[:, None] & m_v[None, :]
+    p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]  # [BC, BK]
+    p_y = i_b * T * HV + i_h * V + (i_s * BC + o_i[:, None]) * HV + o_v[None, :]  # [BC, BV]
+    blk = i_bh * NS + i_s
+
+    b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
+    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)
+    b_h = tl.load(
+        hbuf + blk * K * V + o_k[:, None] * V + o_v[None, :],
+        mask=m_k[:, None] & m_v[None, :],
+        other=0.0,
+    )  # [BK, BV]
+    b_aw = tl.load(aw + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
+    b_wk = tl.load(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
+
+    b_g = tl.cumsum(b_w, axis=0)
+    upto = (o_i[:, None] >= o_i[None, :])[:, :, None]  # [BC, BC, 1]: j <= t
+    b_Y = tl.exp(tl.where(upto, b_g[:, None, :] - b_g[None, :, :], float("-inf")))  # [t, j, BK]
+    b_Aqb = tl.sum(b_q[:, None, :] * b_b[None, :, :] * b_Y, axis=2)  # [BC, BC]
+    b_Aqk = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_Y, axis=2)
+    b_sa = tl.dot(b_aw, b_h, input_precision=PREC) + tl.dot(b_wk, b_v, input_precision=PREC)
+    b_o = tl.dot(b_q * tl.exp(b_g), b_h, input_precision=PREC)
+    b_o += tl.dot(b_Aqb, b_sa, input_precision=PREC)
+    b_o += tl.dot(b_Aqk, b_v, input_precision=PREC)
+    tl.store(o + p_y, b_o.to(o.dtype.element_ty), mask=m_y)
+
+
+# Backward (``MODE="tc"``), from the 16-step checkpoints H and the cotangents D of the state after
+# every block. Within a block the total cotangent of h_t unrolls like the state does:
+#     G_t = exp(gL - g_t) D + sum_{i>=t} Y[i, t] q_i do_i^T + sum_{i>t} X[i, t] a_i dsa_i^T
+# with dsa_t = G_t^T b_t, i.e. dSA = (I - Aab)^{-T} (Aqb^T dO + (b * exp(gL - g)) D). Every
+# gradient is then a sum over pairs with the factors X, Y (see the per-step rules at the top):
+#     dq_t = h_t do_t,  dk_t = G_t v_t,  dv_t = G_t^T k_t,  db_t = G_t sa_t,  da_t = h_{t-1} dsa_t,
+#     dw_t = exp(w_t) rowsum(G_t * h_{t-1})   (directly, term by term: no cumsum identity)
+# ``wkv7_tc_bprep_kernel`` (parallel) forms Z1 = (I - Aab)^{-T} Aqb^T and Z2 = (I - Aab)^{-T}
+# (b * exp(gL - g)) per block; ``wkv7_tc_dstate_kernel`` (serial, reverse) passes D with
+#     dSA = Z1 dO + Z2 D,   D <- exp(gL) D + (q * exp(g))^T dO + (a * exp(e))^T dSA.
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_bprep_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    z1,  # [B, H, NS, BC, BC] fp32
+    z2,  # [B, H, NS, BC, K] fp32
+    scale,
+    T,
+    H,
+    K,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+):
+    i_s = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    o_k = tl.arange(0, BK)
+    o_i = tl.arange(0, BC)
+    m_x = ((i_s * BC + o_i) < T)[:, None] & (o_k < K)[None, :]
+    p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
+    b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
+    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
+
+    b_g = tl.cumsum(b_w, axis=0)
+    b_e = prev_rows(b_g, BC)
+    later = (o_i[:, None] > o_i[None, :])[:, :, None]
+    upto = (o_i[:, None] >= o_i[None, :])[:, :, None]
+    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+    b_Aab = tl.sum(b_a[:, None, :] * b_b[None, :, :] * b_X, axis=2)
+    b_Y = tl.exp(tl.where(upto, b_g[:, None, :] - b_g[None, :, :], float("-inf")))
+    b_Aqb = tl.sum(b_q[:, None, :] * b_b[None, :, :] * b_Y, axis=2)
+    b_inv = unit_lower_inverse(b_Aab, BC)
+    b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
+    b_z1 = tl.dot(tl.trans(b_inv), tl.trans(b_Aqb), input_precision="ieee")  # [BC, BC]
+    b_z2 = tl.dot(tl.trans(b_inv), b_b * b_tail, input_precision="ieee")  # [BC, BK]
+    blk = i_bh * NS + i_s
+    tl.store(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :], b_z1)
+    tl.store(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], b_z2, mask=(o_k < K)[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_dstate_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    a,  # [B, T, H, K]
+    do,  # [B, T, H, V]
+    z1,  # [B, H, NS, BC, BC] fp32
+    z2,  # [B, H, NS, BC, K] fp32
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    dbuf,  # [B, H, NS, K, V] fp32: cotangent of the state after every block
+    dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = o_k[:, None] * V + o_v[None, :]
+
+    b_d = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_d += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    for m in range(0, NS):
+        n = NS - 1 - m
+        blk = i_bh * NS + n
+        tl.store(dbuf + blk * K * V + o_h, b_d, mask=m_h)
+        m_t = (n * BC + o_i) < T
+        m_x = m_t[:, None] & m_k[None, :]
+        p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
+        b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
+        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_do = tl.load(
+            do + i_b * T * HV + i_h * V + (n * BC + o_i[:, None]) * HV + o_v[None, :],
+            mask=m_t[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
+        b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
+        b_g = tl.cumsum(b_w, axis=0)
+        b_e = prev_rows(b_g, BC)
+        b_gl = last_row(b_g, BC)
+        b_dsa = tl.dot(b_z1, b_do, input_precision=PREC) + tl.dot(b_z2, b_d, input_precision=PREC)
+        b_d = b_d * tl.exp(b_gl)[:, None]
+        b_d += tl.dot(tl.trans(b_q * tl.exp(b_g)), b_do, input_precision=PREC)
+        b_d += tl.dot(tl.trans(b_a * tl.exp(b_e)), b_dsa, input_precision=PREC)
+    if HAS_H0:
+        tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
+
+
+@triton.jit
+def _tc_block_cols(x, p_x, m_x):
+    return tl.load(x + p_x, mask=m_x, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tc_decays(b_w, BC: tl.constexpr):
+    """Inclusive / exclusive log decays from the block start, and the pair factor tiles
+    X[t, j] = exp(e_t - g_j) (j < t), Y[t, j] = exp(g_t - g_j) = X[t, j] exp(w_t) (j < t, 1 at
+    j = t) of a [BC, BKC] slice: one [BC, BC, BKC] tile of exponentials."""
+    o_i = tl.arange(0, BC)
+    b_g = tl.cumsum(b_w, axis=0)
+    b_e = prev_rows(b_g, BC)
+    later = (o_i[:, None] > o_i[None, :])[:, :, None]
+    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+    diag = (o_i[:, None] == o_i[None, :])[:, :, None]
+    b_Y = tl.where(diag, 1.0, b_X * tl.exp(b_w)[:, None, :])
+    return b_g, b_e, b_X, b_Y
+
+
+@triton.jit(do_not_specialize=["T", "part_stride"])
+def wkv7_tc_bwd_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    do,  # [B, T, H, V]
+    ckpt,  # [B, H, NS, K, V] fp32 state before each block
+    dbuf,  # [B, H, NS, K, V] fp32 cotangent of the state after each block
+    dr,  # [B, T, H, K] (fp32 partials [NV, B, T, H, K] when part_stride > 0); dw, dk, da, db too
+    dw,
+    dk,
+    da,
+    db,
+    dv,  # [B, T, H, V]
+    scale,
+    T,
+    H,
+    K,
+    V,
+    part_stride,  # B * T * H * K when the K-side gradients are per-V-block partials, else 0
+    BK: tl.constexpr,
+    BKC: tl.constexpr,
+    BV: tl.constexpr,
+    BC: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Two passes over K in slices of BKC (the [BC, BC, BKC] pair tiles of the whole K spill):
+    # the first sums the block matrices over K, the second forms the gradients slice by slice.
+    i_v = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    o_c = tl.arange(0, BKC)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_i = tl.arange(0, BC)
+    m_v = o_v < V
+    m_t = (i_s * BC + o_i) < T
+    m_y = m_t[:, None] & m_v[None, :]
+    p_y = i_b * T * HV + i_h * V + (i_s * BC + o_i[:, None]) * HV + o_v[None, :]
+    blk = i_bh * NS + i_s
+    b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
+    b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
+
+    # pass 1: Aab, Aak, Aqb, Aqk (sums over K) and the state terms of SA and dSA
+    b_Aab = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aak = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aqb = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_aH = tl.zeros([BC, BV], dtype=tl.float32)  # (a * exp(e)) H
+    b_bD = tl.zeros([BC, BV], dtype=tl.float32)  # (b * exp(gL - g)) D
+    for kc in range(0, BK // BKC):
+        o_k = kc * BKC + o_c
+        m_k = o_k < K
+        m_x = m_t[:, None] & m_k[None, :]
+        p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
+        b_q = _tc_block_cols(r, p_x, m_x) * scale  # [BC, BKC]
+        b_k = _tc_block_cols(k, p_x, m_x)
+        b_a = _tc_block_cols(a, p_x, m_x)
+        b_b = _tc_block_cols(b, p_x, m_x)
+        b_g, b_e, b_X, b_Y = _tc_decays(_tc_block_cols(w, p_x, m_x), BC)
+        b_Aab += tl.sum(b_a[:, None, :] * b_b[None, :, :] * b_X, axis=2)
+        b_Aak += tl.sum(b_a[:, None, :] * b_k[None, :, :] * b_X, axis=2)
+        b_Aqb += tl.sum(b_q[:, None, :] * b_b[None, :, :] * b_Y, axis=2)
+        b_Aqk += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_Y, axis=2)
+        o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
+        m_h = m_k[:, None] & m_v[None, :]
+        b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
+        b_D = tl.load(dbuf + o_h, mask=m_h, other=0.0)
+        b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
+        b_aH += tl.dot(b_a * tl.exp(b_e), b_H, input_precision=PREC)
+        b_bD += tl.dot(b_b * b_tail, b_D, input_precision=PREC)
+    b_inv = unit_lower_inverse(b_Aab, BC)
+    b_sa = tl.dot(b_inv, b_aH + tl.dot(b_Aak, b_v, input_precision=PREC), input_precision=PREC)
+    b_dsa = b_bD + tl.dot(tl.trans(b_Aqb), b_do, input_precision=PREC)
+    b_dsa = tl.dot(tl.trans(b_inv), b_dsa, input_precision=PREC)  # [BC, BV]
+    # [BC, BC] inner products over this V-block (rows: the G side, columns: the h side)
+    b_Mv = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # do_i . v_j
+    b_Ms = tl.dot(b_do, tl.trans(b_sa), input_precision=PREC)  # do_i . sa_j
+    b_Nv = tl.dot(b_dsa, tl.trans(b_v), input_precision=PREC)  # dsa_i . v_j
+    b_Ns = tl.dot(b_dsa, tl.trans(b_sa), input_precision=PREC)  # dsa_i . sa_j
+    b_dv = tl.dot(tl.trans(b_Aqk), b_do, input_precision=PREC)
+    b_dv += tl.dot(tl.trans(b_Aak), b_dsa, input_precision=PREC)
+
+    # pass 2: the K-side gradients, slice by slice
+    for kc in range(0, BK // BKC):
+        o_k = kc * BKC + o_c
+        m_k = o_k < K
+        m_x = m_t[:, None] & m_k[None, :]
+        p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
+        b_q = _tc_block_cols(r, p_x, m_x) * scale
+        b_k = _tc_block_cols(k, p_x, m_x)
+        b_a = _tc_block_cols(a, p_x, m_x)
+        b_b = _tc_block_cols(b, p_x, m_x)
+        b_w = _tc_block_cols(w, p_x, m_x)
+        b_g, b_e, b_X, b_Y = _tc_decays(b_w, BC)
+        b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)  # after t to the block end
+        b_eg = tl.exp(b_e)  # block start to before t
+        o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
+        m_h = m_k[:, None] & m_v[None, :]
+        b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
+        b_D = tl.load(dbuf + o_h, mask=m_h, other=0.0)
+        b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BKC] H do_i
+        b_Hds = tl.dot(b_dsa, tl.trans(b_H), input_precision=PREC)  # H dsa_i
+        b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # D v_j
+        b_Ds = tl.dot(b_sa, tl.trans(b_D), input_precision=PREC)  # D sa_j
+
+        b_dq = tl.exp(b_g) * b_Hdo
+        b_dq += tl.sum(
+            b_Y * (b_b[None, :, :] * b_Ms[:, :, None] + b_k[None, :, :] * b_Mv[:, :, None]), 1
+        )
+        b_da = b_eg * b_Hds
+        b_da += tl.sum(
+            b_X * (b_b[None, :, :] * b_Ns[:, :, None] + b_k[None, :, :] * b_Nv[:, :, None]), 1
+        )
+        b_dk = b_tail * b_Dv + tl.sum(b_Y * b_q[:, None, :] * b_Mv[:, :, None], 0)
+        b_dk += tl.sum(b_X * b_a[:, None, :] * b_Nv[:, :, None], 0)
+        b_db = b_tail * b_Ds + tl.sum(b_Y * b_q[:, None, :] * b_Ms[:, :, None], 0)
+        b_db += tl.sum(b_X * b_a[:, None, :] * b_Ns[:, :, None], 0)
+        b_dv += tl.dot(b_k * b_tail, b_D, input_precision=PREC)
+
+        # dw_t = exp(w_t) rowsum(G_t * h_{t-1}): state x state, state x block, block x block
+        b_z = b_tail * b_eg * tl.sum(b_D * b_H, axis=1)[None, :]
+        b_z += b_tail * tl.sum(b_X * (b_b * b_Ds + b_k * b_Dv)[None, :, :], axis=1)  # j < t
+        b_z += b_eg * tl.sum(b_Y * (b_q * b_Hdo)[:, None, :] + b_X * (b_a * b_Hds)[:, None, :], 0)
+        b_qY = b_Y * b_q[:, None, :]  # [i, t, BKC]
+        b_aX = b_X * b_a[:, None, :]
+        for t in range(0, BC):  # pairs j < t <= i (q side) and j < t < i (a side)
+            sel = (o_i == t)[:, None]
+            sel3 = (o_i == t)[:, None, None]
+            b_f = tl.sum(tl.where(sel3, b_X, 0.0), axis=0)  # [j, BKC] X[t, j]
+            b_fb = b_b * b_f
+            b_fk = b_k * b_f
+            b_pq = tl.dot(b_Ms, b_fb, input_precision=PREC)
+            b_pq += tl.dot(b_Mv, b_fk, input_precision=PREC)
+            b_pa = tl.dot(b_Ns, b_fb, input_precision=PREC)
+            b_pa += tl.dot(b_Nv, b_fk, input_precision=PREC)
+            sel_t = (o_i == t)[None, :, None]
+            b_yi = tl.sum(tl.where(sel_t, b_qY, 0.0), axis=1)  # [i, BKC] Y[i, t] q_i
+            b_xi = tl.sum(tl.where(sel_t, b_aX, 0.0), axis=1)  # [i, BKC] X[i, t] a_i
+            b_zt = tl.sum(b_yi * b_pq + b_xi * b_pa, axis=0)  # [BKC]
+            b_z += tl.where(sel, b_zt[None, :], 0.0)
+        b_dw = tl.exp(b_w) * b_z
+
+        p_part = i_v * part_stride + p_x
+        tl.store(dr + p_part, (b_dq * scale).to(dr.dtype.element_ty), mask=m_x)
+        tl.store(dw + p_part, b_dw.to(dw.dtype.element_ty), mask=m_x)
+        tl.store(dk + p_part, b_dk.to(dk.dtype.element_ty), mask=m_x)
+        tl.store(da + p_part, b_da.to(da.dtype.element_ty), mask=m_x)
+        tl.store(db + p_part, b_db.to(db.dtype.element_ty), mask=m_x)
+    tl.store(dv + p_y, b_dv.to(dv.dtype.element_ty), mask=m_y)

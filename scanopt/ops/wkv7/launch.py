@@ -77,6 +77,9 @@ def wkv7_fwd(
         )  # fmt: skip
         return o, ht, ckpt
 
+    if cfg["MODE"] == "tc":
+        return _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg)
+
     BK, BT, BW = max(16, next_pow2(K)), cfg["BT"], cfg["BW"]
     NT, W = cdiv(T, BT), K + V
     ratio = BT // CK if store_ckpt else 1
@@ -93,6 +96,41 @@ def wkv7_fwd(
     kernels.wkv7_chunk_out_kernel[(cdiv(V, BV), NT, B * H)](
         r, w, k, v, a, b, o, hbuf, scale, T, H, K, V,
         BK=BK, BV=BV, BT=BT, RATIO=ratio, PF=cfg["PF"], **_launch_opts(cfg),
+    )  # fmt: skip
+    return o, ht, ckpt
+
+
+#: tl.dot input precision of the tensor-core kernels: 3-pass tf32 (about fp32). One-pass tf32
+#: rounds the fp32 decay-scaled operands to 2^-11, ~1e-4 relative in the fp32 final state and
+#: dh0, over the verify limit there (2x the fp32 PyTorch path's error, at least 4e-6)
+_TC_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3"}
+_TC_BLOCK = 16
+
+
+def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
+    """``MODE="tc"``: per-block (I - Aab)^{-1} products in parallel, the state every 16 steps
+    on tensor cores (serial), then every block's output in parallel."""
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    if store_ckpt and cfg["CHUNK"] != _TC_BLOCK:
+        raise ValueError(f"wkv7 fwd config: MODE 'tc' stores {_TC_BLOCK}-step checkpoints: {cfg}")
+    BK, NS = max(16, next_pow2(K)), cdiv(T, _TC_BLOCK)
+    device = r.device
+    aw = torch.empty((B, H, NS, _TC_BLOCK, K), dtype=torch.float32, device=device)
+    wk = torch.empty((B, H, NS, _TC_BLOCK, _TC_BLOCK), dtype=torch.float32, device=device)
+    hbuf = ckpt if store_ckpt else torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
+    prec = _TC_PRECISION[r.dtype]
+    opts = _launch_opts(cfg)
+    kernels.wkv7_tc_prep_kernel[(NS, B * H)](
+        w, k, a, b, aw, wk, T, H, K, BK=BK, BC=_TC_BLOCK, **opts
+    )
+    kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
+        w, k, v, b, aw, wk, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
+        BK=BK, BV=cfg["BW"], BC=_TC_BLOCK, HAS_H0=h0 is not None, PREC=prec, **opts,
+    )  # fmt: skip
+    kernels.wkv7_tc_out_kernel[(cdiv(V, cfg["BV"]), NS, B * H)](
+        r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
+        BK=BK, BV=cfg["BV"], BC=_TC_BLOCK, PREC=prec, **opts,
     )  # fmt: skip
     return o, ht, ckpt
 
@@ -125,8 +163,8 @@ def wkv7_bwd(
         "wkv7", "bwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
     )
     chunked = cfg["MODE"] == "chunked"
-    if chunked and chunk != CKPT_CHUNK:
-        raise ValueError(f"wkv7: the chunked backward needs {CKPT_CHUNK}-step checkpoints")
+    if cfg["MODE"] in ("chunked", "tc") and chunk != CKPT_CHUNK:
+        raise ValueError(f"wkv7: the {cfg['MODE']} backward needs {CKPT_CHUNK}-step checkpoints")
     r, w, k, v, a, b, do = (x.contiguous() for x in (r, w, k, v, a, b, do))
     h0 = initial_state.contiguous() if initial_state is not None else None
     dht = dht.contiguous() if dht is not None else None
@@ -147,7 +185,27 @@ def wkv7_bwd(
     dv = empty((B, T, H, V), v.dtype, device)
     dh0_dtype = h0.dtype if h0 is not None else torch.float32
     dh0 = empty((B, H, K, V) if h0 is not None else (0,), dh0_dtype, device)
-    if not chunked:
+    if cfg["MODE"] == "tc":
+        BK, NS = max(16, next_pow2(K)), cdiv(T, _TC_BLOCK)
+        prec = _TC_PRECISION[r.dtype]
+        opts = _launch_opts(cfg)
+        z1 = torch.empty((B, H, NS, _TC_BLOCK, _TC_BLOCK), dtype=torch.float32, device=device)
+        z2 = torch.empty((B, H, NS, _TC_BLOCK, K), dtype=torch.float32, device=device)
+        kernels.wkv7_tc_bprep_kernel[(NS, B * H)](
+            r, w, a, b, z1, z2, scale, T, H, K, BK=BK, BC=_TC_BLOCK, **opts
+        )
+        dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
+        kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
+            r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
+            BK=BK, BV=cfg["BW"], BC=_TC_BLOCK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+            PREC=prec, **opts,
+        )  # fmt: skip
+        kernels.wkv7_tc_bwd_kernel[(NV, NS, B * H)](
+            r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
+            B * T * H * K if NV > 1 else 0,
+            BK=BK, BKC=min(BK, 16), BV=BV, BC=_TC_BLOCK, PREC=prec, **opts,
+        )  # fmt: skip
+    elif not chunked:
         BK = next_pow2(K)
         work = torch.empty((NV * B * H, chunk, BV, BK), dtype=torch.float32, device=device)
         kernels.wkv7_bwd_kernel[(NV, B * H)](

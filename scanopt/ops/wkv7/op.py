@@ -20,6 +20,7 @@ from scanopt.ops._rwkv_common import (
     check_inputs,
     check_state,
     default_chunk,
+    forced_mode,
     log_decay,
     num_chunks,
     resolve_scale,
@@ -449,4 +450,15 @@ def self_check(device: str, quick: bool) -> list:
             )  # fmt: skip
             case = f"B{B}-T{T}-H{H}-K{K}-{decay}-h0={h0}-{str(dtype).replace('torch.', '')}"
             reports.append(check_case(inputs, case))
+            if dtype != torch.float32:  # the opt-in tensor-core kernels too
+                with forced_mode("wkv7", "tc"):
+                    reports.append(check_case(inputs, case + "-tc"))
+    if not on_gpu:  # the interpreter cannot do bf16 arithmetic: the tensor-core kernels in fp16
+        B, T, H, K, decay, h0 = cases[0]
+        inputs = make_inputs(
+            B, T, H, K, dtype=torch.float16, device=device, decay=decay, w_dtype=torch.float32,
+            initial_state=h0, seed=T,
+        )  # fmt: skip
+        with forced_mode("wkv7", "tc"):
+            reports.append(check_case(inputs, f"B{B}-T{T}-H{H}-K{K}-{decay}-h0={h0}-float16-tc"))
     return reports
