@@ -645,6 +645,21 @@ def test_each_tunable_default_is_in_its_space_and_verifies(name):
     report.assert_ok()
 
 
+def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
+    for op in ("wkv6", "wkv7"):
+        t = spaces.get_tunable(op, "fwd")
+        small = t.full_shape(t.test_shape)
+        assert t.space(small, "bfloat16", CPU_PROPS).params["MODE"] == (
+            "recurrent",
+            "chunked",
+            "tc",
+        )
+        assert t.space(small, "float32", CPU_PROPS).params["MODE"] == ("recurrent", "chunked")
+        assert t.space({**small, "K": 256}, "bfloat16", CPU_PROPS).params["MODE"] == ("recurrent",)
+        tc8 = {"MODE": "tc", "BV": 8, "num_warps": 4, "num_stages": 1}
+        assert not t.space(small, "bfloat16", CPU_PROPS).allows(tc8, small, CPU_PROPS)
+
+
 def test_tune_a_real_op_under_the_interpreter_and_the_op_uses_it(cache):
     t = _first_real()
     op, direction = t.op, t.direction

@@ -179,3 +179,24 @@ def test_attention_public_call_launches_the_tuned_config(user_store, monkeypatch
     scanopt.flash_attn_func(q, k, v, causal=True)
     (kw,) = spy.calls
     assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"]) == (16, 32, 2)
+
+
+@pytest.mark.parametrize("op", ["wkv6", "wkv7"])
+def test_rwkv_tuned_config_may_switch_to_the_tensor_core_kernels(user_store, op):
+    """A tuned config that picks MODE "tc" (what ``scanopt tune`` finds when tc is faster) is
+    used for its dtype; an explicit MODE still wins, and fp32 never takes tc."""
+    from scanopt.ops._rwkv_common import resolve_config
+
+    def resolve(direction, dtype, config=None):
+        s = RWKV_SHAPE
+        return resolve_config(
+            op, direction, config, T=s["T"], K=s["K"], V=s["V"], dtype=dtype, B=s["B"],
+            H=s["H"], device=CPU,
+        )  # fmt: skip
+
+    for direction in ("fwd", "bwd"):
+        _record(op, direction, RWKV_SHAPE, {"MODE": "tc", "BV": 16}, dtype="float16")
+        assert resolve(direction, torch.float16)["MODE"] == "tc"
+        assert resolve(direction, torch.float16, {"MODE": "recurrent"})["MODE"] == "recurrent"
+        _record(op, direction, RWKV_SHAPE, {"MODE": "tc", "BV": 16}, dtype="float32")
+        assert resolve(direction, torch.float32)["MODE"] != "tc"

@@ -228,8 +228,9 @@ def _np(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# RWKV-6 / RWKV-7: fused recurrent kernels, one program per (batch, head, V-block), fp32 state
-# tile [next_pow2(K), BV] in registers; the backward holds about four such tiles.
+# RWKV-6 / RWKV-7: three kernel families (MODE): fused recurrent (one program per (batch, head,
+# V-block), fp32 state tile [next_pow2(K), BV] in registers; the backward holds about four such
+# tiles), chunked (K <= 128) and tensor-core "tc" (bf16/fp16, K <= 128, BV >= 16 for tl.dot).
 
 _RWKV_INPUTS = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", "a", "b")}
 _RWKV_DECAY = {"wkv6": "rwkv6", "wkv7": "rwkv7"}
@@ -240,6 +241,10 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps) -> bool:
         bk, bv, nw = next_pow2(s["K"]), c["BV"], c["num_warps"]
+        if c["MODE"] == "tc":
+            # the pair tiles live in registers whatever BV is: ptxas decides; only tl.dot's
+            # minimum and the thread limit are known up front
+            return bv >= 16 and fits_threads(nw, p)
         if not p.is_cuda:
             return True
         return (
@@ -252,7 +257,11 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
     def space(shape: Mapping[str, int], dtype: str, props: DeviceProps) -> Space:
         top = next_pow2(shape["V"])
         bvs = tuple(b for b in (4, 8, 16, 32, 64, 128) if b <= top) or (top,)
-        return Space({"BV": bvs, "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)}, ok)
+        modes: tuple[str, ...] = ("recurrent",)
+        if shape["K"] <= 128:
+            modes += ("chunked",) + (("tc",) if dtype in ("bfloat16", "float16") else ())
+        params = {"MODE": modes, "BV": bvs, "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)}
+        return Space(params, ok)
 
     return space
 
@@ -342,7 +351,7 @@ def _rwkv_tunables(op: str) -> list[Tunable]:
                 ),
                 test_shape={"B": 1, "T": 19, "H": 2, "K": 16, "V": 16},
                 requires=f"scanopt.ops.{op}.launch",
-                description=f"{op} fused recurrent {direction} (BV, warps, stages)",
+                description=f"{op} {direction}: kernel family, BV, warps, stages",
             )
         )
     return out

@@ -232,7 +232,11 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
             tuned = tuned_config(op, direction, dtype, shape, cfg, device=device)
-            if tuned.get("MODE", cfg["MODE"]) == cfg["MODE"]:  # never another family's keys
+            tuned_mode = tuned.get("MODE", cfg["MODE"])
+            usable = tuned_mode in allowed and not (tuned_mode == "tc" and dtype == torch.float32)
+            # a tuned config may pick the family when none was asked for; an explicit MODE
+            # (tests, forced_mode, the tuner's own trials) only takes tuned configs of that MODE
+            if usable and (mode is None or tuned_mode == cfg["MODE"]):
                 cfg = tuned
     if config:
         unknown = set(config) - set(CONFIG_KEYS[direction])
