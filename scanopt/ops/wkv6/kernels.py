@@ -772,8 +772,8 @@ def wkv6_tc_out_kernel(
     RATIO: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
+    i_c = tl.program_id(0).to(tl.int64)  # time blocks on grid axis 0: up to 2^31, not 65535
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -957,8 +957,8 @@ def wkv6_tc_bwd_kernel(
     BC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0).to(tl.int64)
-    i_s = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)  # time blocks on grid axis 0: up to 2^31, not 65535
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H

@@ -122,7 +122,7 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
         k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BS=BS, HAS_H0=h0 is not None, PREC=prec, **opts,
     )  # fmt: skip
-    kernels.wkv6_tc_out_kernel[(cdiv(V, cfg["BV"]), cdiv(T, BT), B * H)](
+    kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
         r, k, v, w, u, o, hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BT=BT, BC=16, RATIO=BT // BS, PREC=prec, **opts,
     )  # fmt: skip
@@ -189,7 +189,7 @@ def wkv6_bwd(
             HAS_H0=h0 is not None, PREC=prec, **opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
-        kernels.wkv6_tc_bwd_kernel[(NV, NS, B * H)](
+        kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
             r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
             BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, PREC=prec, **opts,

@@ -872,8 +872,8 @@ def wkv7_tc_out_kernel(
     BC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0).to(tl.int64)
-    i_s = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)  # time blocks on grid axis 0: up to 2^31, not 65535
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -1096,8 +1096,8 @@ def wkv7_tc_bwd_kernel(
 ):
     # Two passes over K in slices of BKC (the [BC, BC, BKC] pair tiles of the whole K spill):
     # the first sums the block matrices over K, the second forms the gradients slice by slice.
-    i_v = tl.program_id(0).to(tl.int64)
-    i_s = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(0).to(tl.int64)  # time blocks on grid axis 0: up to 2^31, not 65535
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H

@@ -128,7 +128,7 @@ def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
         w, k, v, b, aw, wk, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BC=_TC_BLOCK, HAS_H0=h0 is not None, PREC=prec, **opts,
     )  # fmt: skip
-    kernels.wkv7_tc_out_kernel[(cdiv(V, cfg["BV"]), NS, B * H)](
+    kernels.wkv7_tc_out_kernel[(NS, cdiv(V, cfg["BV"]), B * H)](
         r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BC=_TC_BLOCK, PREC=prec, **opts,
     )  # fmt: skip
@@ -200,7 +200,7 @@ def wkv7_bwd(
             BK=BK, BV=cfg["BW"], BC=_TC_BLOCK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
             PREC=prec, **opts,
         )  # fmt: skip
-        kernels.wkv7_tc_bwd_kernel[(NV, NS, B * H)](
+        kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
             r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
             BK=BK, BKC=min(BK, 16), BV=BV, BC=_TC_BLOCK, PREC=prec, **opts,
