@@ -21,37 +21,19 @@ def _w_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _force_mode(monkeypatch, mode, **overrides):
-    """Make the default launch config use one kernel family (``MODE``) in both directions;
-    ``"tc"`` takes bf16/fp16 inputs only, so fp32 inputs keep the recurrent kernels there.
-    ``overrides`` apply to configs of that mode."""
-    original = _rwkv_common.default_config
-
-    def forced(direction, **kwargs):
-        want = kwargs.get("mode") or mode
-        if want == "tc" and kwargs["dtype"] == torch.float32:
-            want = "recurrent"
-        cfg = original(direction, **{**kwargs, "mode": want})
-        if cfg["MODE"] == mode:
-            cfg.update(overrides)
-        return cfg
-
-    monkeypatch.setattr(_rwkv_common, "default_config", forced)
-
-
 @pytest.fixture(params=["recurrent", "chunked"])
-def mode(request, monkeypatch):
+def mode(request, force_rwkv_mode):
     """Both kernel families; chunked with 32-step chunks, so short sequences still span several
     chunks and checkpoint slots."""
-    _force_mode(monkeypatch, request.param, BT=32, BW=16)
+    force_rwkv_mode(request.param, BT=32, BW=16)
     return request.param
 
 
 @pytest.fixture(params=["recurrent", "chunked", "tc"])
-def gpu_mode(request, monkeypatch):
+def gpu_mode(request, force_rwkv_mode):
     """Every kernel family with its default block sizes (GPU tests; "tc", the tensor-core
     kernels, runs the bf16/fp16 cases)."""
-    _force_mode(monkeypatch, request.param)
+    force_rwkv_mode(request.param)
     return request.param
 
 
@@ -113,10 +95,10 @@ def test_wkv6_state_passing_equals_one_run(device, mode):
 
 
 @pytest.fixture
-def tc(monkeypatch):
+def tc(force_rwkv_mode):
     """The tensor-core kernels (fp16 here: the interpreter cannot do bf16 arithmetic), the
     forward in 32-step chunks of two sub-chunks, 16-wide V-blocks (partial sums over V)."""
-    _force_mode(monkeypatch, "tc", BT=32, BV=16)
+    force_rwkv_mode("tc", BT=32, BV=16)
 
 
 @pytest.mark.parametrize("T", [1, 17, 100])
@@ -138,8 +120,8 @@ def test_wkv6_tc_matches_reference(device, tc, T, decay, with_state):
         (45, 32, 16, {"BT": 16, "BW": 16}),  # one sub-chunk per chunk
     ],
 )
-def test_wkv6_tc_odd_heads_and_chunks(device, monkeypatch, T, K, V, cfg):
-    _force_mode(monkeypatch, "tc", **cfg)
+def test_wkv6_tc_odd_heads_and_chunks(device, force_rwkv_mode, T, K, V, cfg):
+    force_rwkv_mode("tc", **cfg)
     x = op.make_inputs(1, T, 1, K, V, dtype=torch.float16, device=device, decay="mixed",
                        w_dtype=torch.float32, initial_state=True, seed=K + T)  # fmt: skip
     op.check_case(x, f"tc-K{K}-V{V}-{cfg}", scale=0.6).assert_ok()

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from scanopt import _tensor
-from scanopt.ops import _rwkv_common
 from scanopt.ops.wkv7 import launch, op
 from scanopt.verify import compare
 
@@ -22,37 +21,19 @@ def _w_dtype(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _force_mode(monkeypatch, mode, **overrides):
-    """Make the default launch config use one kernel family (``MODE``) in both directions;
-    ``"tc"`` takes bf16/fp16 inputs only, so fp32 inputs keep the recurrent kernels there.
-    ``overrides`` apply to configs of that mode."""
-    original = _rwkv_common.default_config
-
-    def forced(direction, **kwargs):
-        want = kwargs.get("mode") or mode
-        if want == "tc" and kwargs["dtype"] == torch.float32:
-            want = "recurrent"
-        cfg = original(direction, **{**kwargs, "mode": want})
-        if cfg["MODE"] == mode:
-            cfg.update(overrides)
-        return cfg
-
-    monkeypatch.setattr(_rwkv_common, "default_config", forced)
-
-
 @pytest.fixture(params=["recurrent", "chunked"])
-def mode(request, monkeypatch):
+def mode(request, force_rwkv_mode):
     """Both kernel families; chunked with 32-step chunks, so short sequences still span several
     chunks and checkpoint slots."""
-    _force_mode(monkeypatch, request.param, BT=32, BW=16)
+    force_rwkv_mode(request.param, BT=32, BW=16)
     return request.param
 
 
 @pytest.fixture(params=["recurrent", "chunked", "tc"])
-def gpu_mode(request, monkeypatch):
+def gpu_mode(request, force_rwkv_mode):
     """Every kernel family with its default block sizes (GPU tests; "tc", the tensor-core
     kernels, runs the bf16/fp16 cases)."""
-    _force_mode(monkeypatch, request.param)
+    force_rwkv_mode(request.param)
     return request.param
 
 
@@ -118,10 +99,10 @@ NAMES = ("r", "w", "k", "v", "a", "b")
 @pytest.mark.parametrize("T", [1, 17, 100])
 @pytest.mark.parametrize("decay", ["strong", "mixed"])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_wkv7_tc_matches_reference(device, monkeypatch, T, decay, with_state):
+def test_wkv7_tc_matches_reference(device, force_rwkv_mode, T, decay, with_state):
     """The tensor-core kernels (fp16: the interpreter cannot do bf16 arithmetic), 16-wide
     V-blocks (partial sums over V in the backward)."""
-    _force_mode(monkeypatch, "tc", BV=16)
+    force_rwkv_mode("tc", BV=16)
     x = op.make_inputs(
         2 if T < 100 else 1, T, 2, 16, dtype=torch.float16, device=device, decay=decay,
         w_dtype=torch.float32, initial_state=with_state, seed=T + 7 * with_state,
@@ -132,8 +113,8 @@ def test_wkv7_tc_matches_reference(device, monkeypatch, T, decay, with_state):
 @pytest.mark.parametrize(
     "T,K,V,decay", [(33, 20, 24, "mixed"), (40, 16, 40, "rwkv7"), (19, 32, 16, "weak")]
 )
-def test_wkv7_tc_odd_heads(device, monkeypatch, T, K, V, decay):
-    _force_mode(monkeypatch, "tc")
+def test_wkv7_tc_odd_heads(device, force_rwkv_mode, T, K, V, decay):
+    force_rwkv_mode("tc")
     x = op.make_inputs(1, T, 1, K, V, dtype=torch.float16, device=device, decay=decay,
                        w_dtype=torch.float32, initial_state=True, seed=K + T)  # fmt: skip
     op.check_case(x, f"tc-K{K}-V{V}", scale=0.6).assert_ok()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,14 +47,17 @@ CONFIG_KEYS = {
     "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
     "bwd": ("MODE", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
 }
-MODES = ("recurrent", "chunked")
-#: modes beyond MODES, per (op, direction): WKV-6's tensor-core forward (bf16/fp16 inputs)
-EXTRA_MODES = {(op, d): ("tc",) for op in ("wkv6", "wkv7") for d in ("fwd", "bwd")}
+MODES = ("recurrent", "chunked", "tc")
+#: tl.dot input precision of the tensor-core ("tc") kernels: 3-pass tf32 (about fp32). One-pass
+#: tf32 rounds the fp32 decay-scaled operands to 2^-11, ~1e-4 relative in the fp32 final state
+#: and dh0, over the verify limit there (2x the fp32 PyTorch path's error, at least 4e-6)
+TC_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3"}
 
 
-def modes(op: str | None, direction: str) -> tuple[str, ...]:
-    """The ``MODE`` values ``op``'s ``direction`` accepts."""
-    return MODES + EXTRA_MODES.get((op, direction), ())
+def mode_applies(mode: str, dtype: torch.dtype) -> bool:
+    """False for the tensor-core kernels on fp32 inputs (their log-space exponents are not
+    fp32-exact); every other family takes every dtype."""
+    return not (mode == "tc" and dtype == torch.float32)
 
 
 def default_config(
@@ -122,7 +125,7 @@ def default_config(
             "BV": min(max(next_pow2(V), 16), 64),
             "BW": 16,
             "PF": 1,
-            "num_warps": 8,  # sm_90, K = V = 64: 191 registers, no spills (4 warps spill)
+            "num_warps": 8,  # sm_90, K = V = 64: 4 warps spill 0.2-1.3 KB per thread
             "num_stages": 2,
         }
         if direction == "fwd":
@@ -167,8 +170,8 @@ def forced_mode(op: str, mode: str) -> Iterator[None]:
     inputs), instead of the default or tuned one: how ``scanopt bench`` times one kernel family
     through the public op. Not thread-safe; the resolved-config cache is dropped on entry and
     exit."""
-    if mode not in modes(op, "fwd") + modes(op, "bwd"):
-        raise ValueError(f"{op}: MODE must be one of {modes(op, 'fwd')}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"{op}: MODE must be one of {MODES}, got {mode!r}")
     before = _FORCED.get(op)
     _FORCED[op] = mode
     _RESOLVED.clear()
@@ -220,20 +223,19 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
     from scanopt.autotune.store import register_launch_cache
 
     register_launch_cache(_RESOLVED)
-    allowed = modes(op, direction)
     mode = (config or {}).get("MODE")
     forced = _FORCED.get(op)
-    if mode is None and forced in allowed and not (forced == "tc" and dtype == torch.float32):
+    if mode is None and forced is not None and mode_applies(forced, dtype):
         mode, config = forced, {**(config or {}), "MODE": forced}
-    if mode is not None and mode not in allowed:
-        raise ValueError(f"{op} {direction} config: MODE must be one of {allowed}, got {mode!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
     cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode, op=op)
     if device is not None and B is not None and H is not None:
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             shape = {"B": B, "T": T, "H": H, "K": K, "V": V}
             tuned = tuned_config(op, direction, dtype, shape, cfg, device=device)
             tuned_mode = tuned.get("MODE", cfg["MODE"])
-            usable = tuned_mode in allowed and not (tuned_mode == "tc" and dtype == torch.float32)
+            usable = tuned_mode in MODES and mode_applies(tuned_mode, dtype)
             # a tuned config may pick the family when none was asked for; an explicit MODE
             # (tests, forced_mode, the tuner's own trials) only takes tuned configs of that MODE
             if usable and (mode is None or tuned_mode == cfg["MODE"]):
@@ -248,8 +250,8 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
     for key in ("BV", "CHUNK", "BT", "BW"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
-    if cfg["MODE"] not in allowed:
-        raise ValueError(f"{op} {direction} config: MODE must be one of {allowed}, got {cfg}")
+    if cfg["MODE"] not in MODES:
+        raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {cfg}")
     if cfg["MODE"] in ("chunked", "tc"):
         mode = cfg["MODE"]
         if K > 128:
@@ -259,7 +261,7 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
         if direction == "fwd" and cfg["BT"] % cfg["CHUNK"]:
             raise ValueError(f"{op} fwd config: BT must be a multiple of CHUNK, got {cfg}")
     if cfg["MODE"] == "tc":
-        if dtype not in (torch.bfloat16, torch.float16):
+        if not mode_applies("tc", dtype):
             raise ValueError(
                 f"{op} {direction} config: MODE 'tc' takes bf16/fp16 inputs (its log-space decays are "
                 f"not fp32-exact), got {dtype}"
@@ -369,3 +371,51 @@ def log_decay(
     else:
         raise ValueError(f"unknown decay kind {kind!r}; known: {', '.join(kinds)}, mixed")
     return w.clamp(max=0.0).to(dtype)
+
+
+def self_check_reports(
+    op: str,
+    make_inputs: Callable[..., dict],
+    check_case: Callable[..., object],
+    device: str,
+    quick: bool,
+) -> list:
+    """``scanopt verify`` for ``op`` (``"wkv6"`` / ``"wkv7"``, with that op's ``make_inputs`` and
+    ``check_case``): fp32 on the CPU, bf16/fp16/fp32 on a GPU, each half-precision case again
+    with the tensor-core kernels forced, and on the CPU one fp16 case of those (the interpreter
+    cannot do bf16 arithmetic). Returns the :class:`scanopt.verify.Report` list."""
+    own_decay = op.replace("wkv", "rwkv")  # the op's own decay distribution
+    on_gpu = device.startswith("cuda")
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if on_gpu else [torch.float32]
+    if quick:
+        cases = [(1, 33, 2, 16, own_decay, True)]
+    else:
+        cases = [
+            (2, 17, 2, 16, "strong", True),
+            (1, 100, 2, 16, "weak", False),
+            (1, 65, 1, 64, "mixed", True),
+        ]
+        if on_gpu:
+            cases.append((1, 2048, 2, 64, own_decay, True))
+    reports = []
+    for dtype in dtypes:
+        for B, T, H, K, decay, h0 in cases:
+            w_dtype = torch.float32 if dtype == torch.float16 else dtype
+            inputs = make_inputs(
+                B, T, H, K, dtype=dtype, device=device, decay=decay, w_dtype=w_dtype,
+                initial_state=h0, seed=T,
+            )  # fmt: skip
+            case = f"B{B}-T{T}-H{H}-K{K}-{decay}-h0={h0}-{str(dtype).replace('torch.', '')}"
+            reports.append(check_case(inputs, case))
+            if dtype != torch.float32:  # the opt-in tensor-core kernels too
+                with forced_mode(op, "tc"):
+                    reports.append(check_case(inputs, case + "-tc"))
+    if not on_gpu:  # the interpreter cannot do bf16 arithmetic: the tensor-core kernels in fp16
+        B, T, H, K, decay, h0 = cases[0]
+        inputs = make_inputs(
+            B, T, H, K, dtype=torch.float16, device=device, decay=decay, w_dtype=torch.float32,
+            initial_state=h0, seed=T,
+        )  # fmt: skip
+        with forced_mode(op, "tc"):
+            reports.append(check_case(inputs, f"B{B}-T{T}-H{H}-K{K}-{decay}-h0={h0}-float16-tc"))
+    return reports

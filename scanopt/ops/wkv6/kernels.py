@@ -36,7 +36,7 @@ Kernel families (config ``MODE``; same 16-step checkpoints as wkv7):
 import triton
 import triton.language as tl
 
-from scanopt.ops._tc_helpers import prev_rows
+from scanopt.ops._tc_helpers import last_row, prev_rows
 
 # ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
 # (forward 15, recompute 14, adjoint 31, chunk adjoint 25)
@@ -727,7 +727,6 @@ def wkv6_tc_state_kernel(
     m_v = o_v < V
     m_h = m_k[:, None] & m_v[None, :]
     o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV] offsets of h[k, v]
-    last = (o_s == BS - 1)[:, None]  # [BS, 1]
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
@@ -742,7 +741,7 @@ def wkv6_tc_state_kernel(
         b_w = tl.load(p_w, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         b_g = tl.cumsum(b_w, axis=0)  # [BS, BK] inclusive log decay from the block start
-        b_gl = tl.sum(tl.where(last, b_g, 0.0), axis=0)  # [BK] the whole block's
+        b_gl = last_row(b_g, BS)  # [BK] the whole block's
         b_kf = b_k * tl.exp(b_gl[None, :] - b_g)  # [BS, BK] decay to the block end, <= 1
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kf), b_v, input_precision=PREC)
         p_k += BS * HK
@@ -906,7 +905,6 @@ def wkv6_tc_dstate_kernel(
     m_v = o_v < V
     m_h = m_k[:, None] & m_v[None, :]
     o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    last = (o_s == BS - 1)[:, None]
 
     b_d = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
@@ -924,7 +922,7 @@ def wkv6_tc_dstate_kernel(
             other=0.0,
         ).to(tl.float32)  # [BS, BV]
         b_g = tl.cumsum(b_w, axis=0)
-        b_gl = tl.sum(tl.where(last, b_g, 0.0), axis=0)  # [BK] the whole block's log decay
+        b_gl = last_row(b_g, BS)  # [BK] the whole block's log decay
         b_qf = b_q * scale * tl.exp(prev_rows(b_g, BS))  # [BS, BK] decay from the block start
         b_d = b_d * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qf), b_do, input_precision=PREC)
     if HAS_H0:
@@ -992,7 +990,7 @@ def wkv6_tc_bwd_kernel(
     diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
     b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
     b_e = prev_rows(b_g, BC)
-    b_gl = tl.sum(tl.where((o_i == BC - 1)[:, None], b_g, 0.0), axis=0)  # [BK]
+    b_gl = last_row(b_g, BC)  # [BK]
     b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
     b_lg = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay from after t to the block end
     later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1]: j < t

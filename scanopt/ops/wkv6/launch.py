@@ -18,6 +18,7 @@ from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
+    TC_PRECISION,
     cdiv,
     next_pow2,
     resolve_config,
@@ -100,12 +101,6 @@ def wkv6_fwd(
     return o, ht, ckpt
 
 
-#: tl.dot input precision of the tensor-core kernels: 3-pass tf32 (about fp32). One-pass tf32
-#: rounds the fp32 decay-scaled operands to 2^-11, ~1e-4 relative in the fp32 final state and
-#: dh0, over the verify limit there (2x the fp32 PyTorch path's error, at least 4e-6)
-_TC_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3"}
-
-
 def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     """``MODE="tc"``: states every ``CHUNK`` (checkpoints) or ``BT`` steps on tensor cores,
     then every chunk's output in parallel."""
@@ -116,7 +111,7 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     hbuf = ckpt
     if not store_ckpt:
         hbuf = torch.empty((B, H, cdiv(T, BS), K, V), dtype=torch.float32, device=r.device)
-    prec = _TC_PRECISION[r.dtype]
+    prec = TC_PRECISION[r.dtype]
     opts = _launch_opts(cfg)
     kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
         k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
@@ -180,7 +175,7 @@ def wkv6_bwd(
     dh0 = empty((B, H, K, V) if h0 is not None else (0,), dh0_dtype, device)
     if cfg["MODE"] == "tc":
         NS = cdiv(T, CKPT_CHUNK)
-        prec = _TC_PRECISION[r.dtype]
+        prec = TC_PRECISION[r.dtype]
         opts = _launch_opts(cfg)
         dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
         kernels.wkv6_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](

@@ -19,10 +19,10 @@ from scanopt.ops._rwkv_common import (
     check_inputs,
     check_state,
     default_chunk,
-    forced_mode,
     log_decay,
     num_chunks,
     resolve_scale,
+    self_check_reports,
     wants_grad,
 )
 
@@ -406,37 +406,4 @@ def check_case(inputs: dict, case: str = "", *, scale: float = 1.0) -> object:
 
 def self_check(device: str, quick: bool) -> list:
     """Verify :func:`wkv6` on ``device`` against the float64 reference (``scanopt verify``)."""
-    on_gpu = device.startswith("cuda")
-    dtypes = [torch.bfloat16, torch.float16, torch.float32] if on_gpu else [torch.float32]
-    if quick:
-        cases = [(1, 33, 2, 16, "rwkv6", True)]
-    else:
-        cases = [
-            (2, 17, 2, 16, "strong", True),
-            (1, 100, 2, 16, "weak", False),
-            (1, 65, 1, 64, "mixed", True),
-        ]
-        if on_gpu:
-            cases.append((1, 2048, 2, 64, "rwkv6", True))
-    reports = []
-    for dtype in dtypes:
-        for B, T, H, K, decay, h0 in cases:
-            w_dtype = torch.float32 if dtype == torch.float16 else dtype
-            inputs = make_inputs(
-                B, T, H, K, dtype=dtype, device=device, decay=decay, w_dtype=w_dtype,
-                initial_state=h0, seed=T,
-            )  # fmt: skip
-            case = f"B{B}-T{T}-H{H}-K{K}-{decay}-h0={h0}-{str(dtype).replace('torch.', '')}"
-            reports.append(check_case(inputs, case))
-            if dtype != torch.float32:  # the opt-in tensor-core kernels too
-                with forced_mode("wkv6", "tc"):
-                    reports.append(check_case(inputs, case + "-tc"))
-    if not on_gpu:  # the interpreter cannot do bf16 arithmetic: the tensor-core kernels in fp16
-        B, T, H, K, decay, h0 = cases[0]
-        inputs = make_inputs(
-            B, T, H, K, dtype=torch.float16, device=device, decay=decay, w_dtype=torch.float32,
-            initial_state=h0, seed=T,
-        )  # fmt: skip
-        with forced_mode("wkv6", "tc"):
-            reports.append(check_case(inputs, f"B{B}-T{T}-H{H}-K{K}-{decay}-h0={h0}-float16-tc"))
-    return reports
+    return self_check_reports("wkv6", make_inputs, check_case, device, quick)

@@ -18,6 +18,7 @@ from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
+    TC_PRECISION,
     cdiv,
     next_pow2,
     resolve_config,
@@ -100,37 +101,30 @@ def wkv7_fwd(
     return o, ht, ckpt
 
 
-#: tl.dot input precision of the tensor-core kernels: 3-pass tf32 (about fp32). One-pass tf32
-#: rounds the fp32 decay-scaled operands to 2^-11, ~1e-4 relative in the fp32 final state and
-#: dh0, over the verify limit there (2x the fp32 PyTorch path's error, at least 4e-6)
-_TC_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3"}
-_TC_BLOCK = 16
-
-
 def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     """``MODE="tc"``: per-block (I - Aab)^{-1} products in parallel, the state every 16 steps
     on tensor cores (serial), then every block's output in parallel."""
     B, T, H, K = r.shape
     V = v.shape[-1]
-    if store_ckpt and cfg["CHUNK"] != _TC_BLOCK:
-        raise ValueError(f"wkv7 fwd config: MODE 'tc' stores {_TC_BLOCK}-step checkpoints: {cfg}")
-    BK, NS = max(16, next_pow2(K)), cdiv(T, _TC_BLOCK)
+    if store_ckpt and cfg["CHUNK"] != CKPT_CHUNK:
+        raise ValueError(f"wkv7 fwd config: MODE 'tc' stores {CKPT_CHUNK}-step checkpoints: {cfg}")
+    BK, NS = max(16, next_pow2(K)), cdiv(T, CKPT_CHUNK)
     device = r.device
-    aw = torch.empty((B, H, NS, _TC_BLOCK, K), dtype=torch.float32, device=device)
-    wk = torch.empty((B, H, NS, _TC_BLOCK, _TC_BLOCK), dtype=torch.float32, device=device)
+    aw = torch.empty((B, H, NS, CKPT_CHUNK, K), dtype=torch.float32, device=device)
+    wk = torch.empty((B, H, NS, CKPT_CHUNK, CKPT_CHUNK), dtype=torch.float32, device=device)
     hbuf = ckpt if store_ckpt else torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
-    prec = _TC_PRECISION[r.dtype]
+    prec = TC_PRECISION[r.dtype]
     opts = _launch_opts(cfg)
     kernels.wkv7_tc_prep_kernel[(NS, B * H)](
-        w, k, a, b, aw, wk, T, H, K, BK=BK, BC=_TC_BLOCK, **opts
+        w, k, a, b, aw, wk, T, H, K, BK=BK, BC=CKPT_CHUNK, **opts
     )
     kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
         w, k, v, b, aw, wk, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
-        BK=BK, BV=cfg["BW"], BC=_TC_BLOCK, HAS_H0=h0 is not None, PREC=prec, **opts,
+        BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_H0=h0 is not None, PREC=prec, **opts,
     )  # fmt: skip
     kernels.wkv7_tc_out_kernel[(NS, cdiv(V, cfg["BV"]), B * H)](
         r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
-        BK=BK, BV=cfg["BV"], BC=_TC_BLOCK, PREC=prec, **opts,
+        BK=BK, BV=cfg["BV"], BC=CKPT_CHUNK, PREC=prec, **opts,
     )  # fmt: skip
     return o, ht, ckpt
 
@@ -186,24 +180,24 @@ def wkv7_bwd(
     dh0_dtype = h0.dtype if h0 is not None else torch.float32
     dh0 = empty((B, H, K, V) if h0 is not None else (0,), dh0_dtype, device)
     if cfg["MODE"] == "tc":
-        BK, NS = max(16, next_pow2(K)), cdiv(T, _TC_BLOCK)
-        prec = _TC_PRECISION[r.dtype]
+        BK, NS = max(16, next_pow2(K)), cdiv(T, CKPT_CHUNK)
+        prec = TC_PRECISION[r.dtype]
         opts = _launch_opts(cfg)
-        z1 = torch.empty((B, H, NS, _TC_BLOCK, _TC_BLOCK), dtype=torch.float32, device=device)
-        z2 = torch.empty((B, H, NS, _TC_BLOCK, K), dtype=torch.float32, device=device)
+        z1 = torch.empty((B, H, NS, CKPT_CHUNK, CKPT_CHUNK), dtype=torch.float32, device=device)
+        z2 = torch.empty((B, H, NS, CKPT_CHUNK, K), dtype=torch.float32, device=device)
         kernels.wkv7_tc_bprep_kernel[(NS, B * H)](
-            r, w, a, b, z1, z2, scale, T, H, K, BK=BK, BC=_TC_BLOCK, **opts
+            r, w, a, b, z1, z2, scale, T, H, K, BK=BK, BC=CKPT_CHUNK, **opts
         )
         dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
         kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
             r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
-            BK=BK, BV=cfg["BW"], BC=_TC_BLOCK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
+            BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
             PREC=prec, **opts,
         )  # fmt: skip
         kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
             r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
-            BK=BK, BKC=min(BK, 16), BV=BV, BC=_TC_BLOCK, PREC=prec, **opts,
+            BK=BK, BKC=min(BK, 16), BV=BV, BC=CKPT_CHUNK, PREC=prec, **opts,
         )  # fmt: skip
     elif not chunked:
         BK = next_pow2(K)
