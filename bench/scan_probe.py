@@ -28,10 +28,11 @@ DEV = "cuda"
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 BUDGET = 2.5e-2  # bf16 relative-L2 budget of the verify rule
 
-# forward-only configs (no checkpoints): (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, COLS])
+# forward-only configs (no checkpoints): (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, COLS[, PREFETCH]])
 FWD_SWEEP = [
-    (4, 8, 16, 1), (1, 32, 16, 1), (4, 8, 16, 1, 2), (1, 32, 16, 1, 2), (4, 8, 8, 1, 2),
-    (2, 16, 16, 1), (2, 16, 16, 1, 2), (1, 32, 8, 1, 2), (2, 32, 16, 2), (1, 32, 32, 1),
+    (4, 8, 16, 1), (4, 8, 16, 1, 1, 1), (1, 32, 16, 1), (1, 32, 16, 1, 1, 1), (2, 16, 16, 1),
+    (2, 16, 16, 1, 1, 1), (1, 32, 8, 1, 1, 1), (4, 8, 16, 1, 2, 1), (2, 32, 16, 2, 1, 1),
+    (1, 32, 32, 1, 1, 1),
 ]  # fmt: skip
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
@@ -45,6 +46,8 @@ def cfg_of(t):
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     if len(t) > 4:
         cfg["COLS"] = t[4]  # forward only
+    if len(t) > 5:
+        cfg["PREFETCH"] = t[5]  # forward only
     return cfg
 
 

@@ -105,8 +105,10 @@ def _launch_grads(x, fwd_cfg, chunk, bwd_cfg=None):
     [
         # several forward chunks per checkpoint; the backward derives BLOCK_G from the chunk
         ({"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2}, 32, {"BLOCK_D": 4, "BLOCK_R": 2}, 75),
-        # two state columns per iteration of the forward's column loop
+        # two state columns per iteration of the forward's column loop (loads issued one
+        # iteration ahead, then where they are used)
         ({"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2, "COLS": 2}, 16, {"BLOCK_D": 4}, 40),
+        ({"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2, "COLS": 2, "PREFETCH": 0}, 16, {}, 40),
         # one group per chunk
         ({"BLOCK_G": 1, "BLOCK_R": 16, "BLOCK_D": 8}, 16, {"BLOCK_D": 1}, 75),
         ({"BLOCK_G": 8, "BLOCK_R": 2, "BLOCK_D": 4}, 16, {"BLOCK_G": 4, "BLOCK_D": 8}, 75),
@@ -167,6 +169,43 @@ def test_forward_two_columns_odd_state_size(device, N, bk):
     report.check("out", res[1][0], ref_out)
     report.check("last_state", res[1][1], ref_last)
     report.assert_ok()
+
+
+@pytest.mark.parametrize(
+    "bk,ck,N,cols",
+    [("variable", "fixed", 5, 1), ("grouped", "variable", 4, 2), ("fixed", "fixed", 1, 2),
+     ("variable", "variable", 3, 2)],
+)  # fmt: skip
+def test_forward_prefetch_is_bit_identical(device, bk, ck, N, cols):
+    # PREFETCH issues a column's loads (A, B/C rows, the carried state) one iteration early:
+    # same arithmetic in the same order, so every output, state and checkpoint must be equal
+    # to the bit; a stale carry or a wrong column would not be
+    x = op.make_inputs(2, 6, 45, N, device=device, B_kind=bk, C_kind=ck, groups=2,
+                       initial_state=True, seed=N + cols)  # fmt: skip
+    args = [x[n] for n in op._TENSORS]
+    cfg = {"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2, "COLS": cols}
+    res = [launch.selective_scan_fwd(*args, True, 16, True, config={**cfg, "PREFETCH": p})
+           for p in (0, 1)]  # fmt: skip
+    for name, a, b in zip(("out", "last_state", "ckpt"), *res):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b), name
+    ref_out, ref_last = selective_scan_fwd(delta_softplus=True,
+                                           **{n: to_numpy(x[n]) for n in op._TENSORS})
+    report = Report("selective_scan", f"PREFETCH {bk}/{ck} N={N} COLS={cols}")
+    report.check("out", res[1][0], ref_out)
+    report.check("last_state", res[1][1], ref_last)
+    report.assert_ok()
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [({"BLOCK_Q": 2}, "unknown selective_scan fwd config keys"), ({"BLOCK_G": 3}, "power of two"),
+     ({"COLS": 3}, "COLS must be 1 or 2"), ({"PREFETCH": 2}, "PREFETCH must be 0 or 1")],
+)  # fmt: skip
+def test_bad_launch_config_is_rejected(device, config, match):
+    x = op.make_inputs(1, 3, 8, 2, device=device)
+    with pytest.raises(ValueError, match=match):
+        launch.selective_scan_fwd(*[x[n] for n in op._TENSORS], True, 8, False, config=config)
 
 
 def test_outputs_are_fully_written(device):

@@ -524,6 +524,7 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
                 "num_warps": (1, 2, 4), "num_stages": (1,)}  # fmt: skip
         if direction == "fwd":
             keys["COLS"] = (1, 2)  # state columns in flight per thread
+            keys["PREFETCH"] = (0, 1)  # column loads issued one iteration ahead
         return Space(keys, ok)
 
     return space

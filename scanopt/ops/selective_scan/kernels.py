@@ -132,21 +132,38 @@ def _load_dt(delta_base, bias, l3, offs_d, mask, s_dt_l, s_dt_d, HAS_BIAS: tl.co
 
 
 @triton.jit
+def _bc_load(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d,
+             VAR: tl.constexpr, valid=True):  # fmt: skip
+    """B or C of column n as loaded: variable, the chunk's [1, G, R] tile in the input dtype;
+    fixed, the [BD] fp32 column (zeros where ``valid`` is False)."""
+    if VAR:
+        raw = tl.load(base + n * s_n + l3 * s_l, mask=mask_l3 & valid, other=0.0)
+    else:
+        raw = tl.load(fixed_ptr + offs_d * s_d + n * s_n, mask=mask_d & valid, other=0.0).to(
+            tl.float32
+        )
+    return raw
+
+
+@triton.jit
+def _bc_split(raw, VAR: tl.constexpr, R: tl.constexpr):
+    """``_bc_load``'s tile as R rows broadcastable to [BD, G]."""
+    out = ()
+    if VAR:
+        out = _rows(raw.to(tl.float32), R)  # R x [1, G]
+    else:
+        for _t in tl.static_range(R):
+            out = out + (raw[:, None],)  # [BD, 1]
+    return out
+
+
+@triton.jit
 def _bc_rows(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d,
              VAR: tl.constexpr, R: tl.constexpr, valid=True):  # fmt: skip
     """B or C of column n for the chunk's rows: R tensors broadcastable to [BD, G] (zeros
     where ``valid`` is False)."""
-    out = ()
-    if VAR:
-        v = tl.load(base + n * s_n + l3 * s_l, mask=mask_l3 & valid, other=0.0)  # [1, G, R]
-        out = _rows(v.to(tl.float32), R)  # R x [1, G]
-    else:
-        f = tl.load(fixed_ptr + offs_d * s_d + n * s_n, mask=mask_d & valid, other=0.0).to(
-            tl.float32
-        )
-        for _t in tl.static_range(R):
-            out = out + (f[:, None],)  # [BD, 1]
-    return out
+    raw = _bc_load(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d, VAR, valid)
+    return _bc_split(raw, VAR, R)
 
 
 @triton.jit
@@ -180,26 +197,36 @@ def _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, R: tl.constexpr):
 
 
 @triton.jit
-def _fwd_column(n, valid, y_r, dt_r, dtu_r, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs,
-                ck_ptrs, l3, mask_l3, offs_d, mask_d, first_group, gi, dim, N, kk, store_ck,
-                s_A_d, s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR: tl.constexpr,
-                C_VAR: tl.constexpr, R: tl.constexpr):  # fmt: skip
-    """One state column of a forward chunk: advance its state over the chunk and add x C to
-    the R rows of ``y_r``. A column with ``valid`` False (past N) reads zeros and stores
-    nothing (decay 1, input 0, C 0: it adds nothing)."""
+def _fwd_column_loads(n, valid, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3, mask_l3,
+                      offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n, s_B_l, s_B_g,
+                      s_C_n, s_C_l, s_C_g, B_VAR: tl.constexpr, C_VAR: tl.constexpr):  # fmt: skip
+    """The global loads of one state column of a forward chunk: ``(A2n [BD], B, C, carry)``,
+    B/C as ``_bc_load`` gives them and ``carry`` [BD, G] the column's state before the chunk
+    (group 0 only). Split from the arithmetic so the column loop can issue them one iteration
+    ahead (``PREFETCH``); a column with ``valid`` False reads nothing (zeros)."""
     A2n = (
-        tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d & valid, other=0.0).to(tl.float32)[
-            :, None
-        ]
+        tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d & valid, other=0.0).to(tl.float32)
         * LOG2E
-    )  # [BD, 1]
-    Bt = _bc_rows(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g, B_VAR, R,
-                  valid)  # fmt: skip
-    Ct = _bc_rows(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g, C_VAR, R,
-                  valid)  # fmt: skip
+    )  # [BD]
+    Braw = _bc_load(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g, B_VAR,
+                    valid)  # fmt: skip
+    Craw = _bc_load(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g, C_VAR,
+                    valid)  # fmt: skip
+    carry = tl.load(st_ptrs + n * dim, mask=first_group & valid, other=0.0)
+    return A2n, Braw, Craw, carry
+
+
+@triton.jit
+def _fwd_column(n, valid, loads, y_r, dt_r, dtu_r, st_ptrs, ck_ptrs, first_group, gi, dim, N, kk,
+                store_ck, B_VAR: tl.constexpr, C_VAR: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """One state column of a forward chunk, from its ``_fwd_column_loads``: advance its state
+    over the chunk and add x C to the R rows of ``y_r``. A column with ``valid`` False (past N)
+    has decay 1, input 0 and C 0: it adds nothing and stores nothing."""
+    A2n, Braw, Craw, carry = loads
+    Bt = _bc_split(Braw, B_VAR, R)
+    Ct = _bc_split(Craw, C_VAR, R)
     keep = first_group & valid
-    carry = tl.load(st_ptrs + n * dim, mask=keep, other=0.0)
-    a_r, inp_r, P, xn, x_end = _chunk_states(dt_r, dtu_r, A2n, Bt, carry, gi, R)
+    a_r, inp_r, P, xn, x_end = _chunk_states(dt_r, dtu_r, A2n[:, None], Bt, carry, gi, R)
     tl.store(st_ptrs + n * dim, x_end, mask=keep)
     # a mask, not a branch: the chunk stays one basic block for the scheduler
     tl.store(ck_ptrs + (kk * N + n).to(tl.int64) * dim, x_end, mask=keep & store_ck)
@@ -267,6 +294,7 @@ def selective_scan_fwd_kernel(
     BLOCK_R: tl.constexpr,
     CK: tl.constexpr,
     COLS: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """out = (sum_n x_t C_t + D u) * silu(z) (batch, dim, L); the states at every CK-th step.
 
@@ -327,15 +355,49 @@ def selective_scan_fwd_kernel(
             y_r = y_r + (zrow,)
         store_ck = STORE_CKPT & (((c + 1) % (CK // BLOCK_L) == 0) | (c == n_chunks - 1))
         kk = c // (CK // BLOCK_L)
-        # COLS state columns per iteration: independent recurrences the scheduler interleaves
-        for n0 in range(0, N, COLS):
+        # COLS state columns per iteration: independent recurrences the scheduler interleaves.
+        # PREFETCH: the next iteration's column loads are issued before this one's arithmetic,
+        # so each column's B/C rows arrive while the previous column computes (without it the
+        # warps stall on those loads: Nsight Compute, H100, 2026-12-06)
+        if PREFETCH:
+            nxt = ()
             for j in tl.static_range(COLS):
-                y_r = _fwd_column(
-                    n0 + j, (n0 + j) < N, y_r, dt_r, dtu_r, A_ptr, B_base, B_ptr, C_base, C_ptr,
-                    st_ptrs, ck_ptrs, l3, mask_l3, offs_d, mask_d, first_group, gi, dim, N, kk,
-                    store_ck, s_A_d, s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR,
-                    C_VAR, BLOCK_R,
+                nxt = nxt + (
+                    _fwd_column_loads(
+                        j, j < N, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3, mask_l3,
+                        offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n, s_B_l, s_B_g,
+                        s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
+                    ),
                 )  # fmt: skip
+            for n0 in range(0, N, COLS):
+                cur = nxt
+                nxt = ()
+                for j in tl.static_range(COLS):
+                    nn = n0 + COLS + j
+                    nxt = nxt + (
+                        _fwd_column_loads(
+                            nn, nn < N, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3,
+                            mask_l3, offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n,
+                            s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
+                        ),
+                    )  # fmt: skip
+                for j in tl.static_range(COLS):
+                    y_r = _fwd_column(
+                        n0 + j, (n0 + j) < N, cur[j], y_r, dt_r, dtu_r, st_ptrs, ck_ptrs,
+                        first_group, gi, dim, N, kk, store_ck, B_VAR, C_VAR, BLOCK_R,
+                    )  # fmt: skip
+        else:
+            for n0 in range(0, N, COLS):
+                for j in tl.static_range(COLS):
+                    loads = _fwd_column_loads(
+                        n0 + j, (n0 + j) < N, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3,
+                        mask_l3, offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n, s_B_l,
+                        s_B_g, s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
+                    )  # fmt: skip
+                    y_r = _fwd_column(
+                        n0 + j, (n0 + j) < N, loads, y_r, dt_r, dtu_r, st_ptrs, ck_ptrs,
+                        first_group, gi, dim, N, kk, store_ck, B_VAR, C_VAR, BLOCK_R,
+                    )  # fmt: skip
         y = _join_rows(y_r, BLOCK_R)  # [BD, G, R]
         if HAS_D:
             y += Dv[:, None, None] * u

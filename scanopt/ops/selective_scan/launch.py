@@ -16,7 +16,7 @@ from scanopt.autotune import resolve_config as tuned_config
 
 #: the keys of a launch config, per kernel (the tuner's search space)
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "num_warps", "num_stages"),
+    "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "PREFETCH", "num_warps", "num_stages"),
     "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps", "num_stages"),
     "update": ("BLOCK_D", "num_warps"),
 }
@@ -55,6 +55,11 @@ def default_config(
       chunk must divide it.
     - ``COLS`` (forward only): state columns advanced per iteration of the column loop, 1 or 2
       (2: two independent recurrences in flight per thread, more registers).
+    - ``PREFETCH`` (forward only): 1 issues the next iteration's column loads (A, B/C rows, the
+      carried state) before this iteration's arithmetic; 0 loads each column where it is used.
+      On an H100 the forward's warps spend half their stall cycles waiting on those loads
+      (Nsight Compute, 2026-12-06), but 1 costs ~20 registers and is not yet timed on a GPU,
+      so GPUs default to 0 and the tuner chooses; the interpreter defaults to 1.
     - ``num_warps``, ``num_stages``: as usual.
     """
     if kind not in CONFIG_KEYS:
@@ -75,15 +80,15 @@ def default_config(
         # the interpreter pays per operation, not per element: wide tiles, short loops
         cfg = {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
                "num_stages": 1}  # fmt: skip
-        return {**cfg, "COLS": 1} if kind == "fwd" else cfg
+        return {**cfg, "COLS": 1, "PREFETCH": 1} if kind == "fwd" else cfg
     # 8 groups of 16 steps (128-step chunks), one channel per thread. Picked offline from the
     # SASS of the column loop (about 14 instructions per (t, d, n) in the forward with one warp
     # per program; the backward costs about 39 with one warp and 50 with eight, but eight warps
     # cut its per-block dB/dC partial sums, batch * dim/BLOCK_D * N * L * 4 bytes each for
     # variable B/C, eightfold). The tuner refines both per GPU.
     if kind == "fwd":
-        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 1, "num_warps": 1,
-                "num_stages": 1}  # fmt: skip
+        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 1, "PREFETCH": 0,
+                "num_warps": 1, "num_stages": 1}  # fmt: skip
     return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 8, "num_stages": 1}
 
 
@@ -107,6 +112,8 @@ def resolve_config(
             raise ValueError(f"{key} must be a power of two, got {cfg[key]}")
     if "COLS" in cfg and cfg["COLS"] not in (1, 2):
         raise ValueError(f"COLS must be 1 or 2, got {cfg['COLS']}")
+    if "PREFETCH" in cfg and cfg["PREFETCH"] not in (0, 1):
+        raise ValueError(f"PREFETCH must be 0 or 1, got {cfg['PREFETCH']}")
     if "BLOCK_R" in cfg and cfg["BLOCK_R"] < 2:
         raise ValueError(f"BLOCK_R must be at least 2, got {cfg['BLOCK_R']}")
     return cfg
@@ -220,6 +227,7 @@ def selective_scan_fwd(
         B_VAR=bcb[0], C_VAR=bcc[0], STORE_CKPT=bool(store_ckpt),
         BLOCK_D=BD, BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
         CK=chunk if store_ckpt else BL, COLS=cfg.get("COLS", 1),
+        PREFETCH=bool(cfg.get("PREFETCH", 0)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, state.transpose(1, 2).contiguous(), ckpt
