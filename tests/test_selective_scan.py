@@ -116,7 +116,7 @@ def _launch_grads(x, fwd_cfg, chunk, bwd_cfg=None):
         (
             {"BLOCK_G": 8, "BLOCK_R": 16, "BLOCK_D": 4, "num_warps": 1},
             128,
-            {"BLOCK_R": 16, "BLOCK_D": 32, "num_warps": 8},
+            {"BLOCK_R": 16, "BLOCK_D": 32, "num_warps": 4},
             300,
         ),
     ],
