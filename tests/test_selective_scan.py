@@ -189,8 +189,9 @@ def test_forward_prefetch_is_bit_identical(device, bk, ck, N, cols):
     for name, a, b in zip(("out", "last_state", "ckpt"), *res):
         assert torch.isfinite(a).all(), name
         assert torch.equal(a, b), name
-    ref_out, ref_last = selective_scan_fwd(delta_softplus=True,
-                                           **{n: to_numpy(x[n]) for n in op._TENSORS})
+    ref_out, ref_last = selective_scan_fwd(
+        delta_softplus=True, **{n: to_numpy(x[n]) for n in op._TENSORS}
+    )
     report = Report("selective_scan", f"PREFETCH {bk}/{ck} N={N} COLS={cols}")
     report.check("out", res[1][0], ref_out)
     report.check("last_state", res[1][1], ref_last)
