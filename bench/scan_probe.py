@@ -37,17 +37,27 @@ FWD_SWEEP = [
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
 BWD_SWEEP = [
-    (32, 8, 16, 8), (32, 8, 8, 8), (16, 16, 8, 8), (8, 16, 8, 4), (8, 8, 16, 2), (8, 32, 4, 8),
-    (16, 8, 16, 4), (4, 8, 16, 1), (16, 16, 16, 8), (8, 32, 16, 8), (16, 8, 8, 4), (32, 8, 16, 4),
-]  # fmt: skip
+    (32, 8, 16, 8), (32, 8, 16, 4), (32, 8, 16, 4, 1), (4, 8, 16, 1), (4, 8, 16, 1, 1),
+    (8, 8, 16, 2), (8, 8, 16, 2, 1), (16, 8, 16, 4), (16, 8, 16, 4, 1), (32, 8, 8, 8),
+    (16, 8, 8, 4), (8, 32, 16, 8),
+]  # fmt: skip  # (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, PREFETCH])
 
 
 def cfg_of(t):
+    """A forward sweep tuple (BD, G, R, warps[, COLS[, PREFETCH]]) as a launch config."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     if len(t) > 4:
-        cfg["COLS"] = t[4]  # forward only
+        cfg["COLS"] = t[4]
     if len(t) > 5:
-        cfg["PREFETCH"] = t[5]  # forward only
+        cfg["PREFETCH"] = t[5]
+    return cfg
+
+
+def bwd_cfg_of(t):
+    """A backward sweep tuple (BD, G, R, warps[, PREFETCH]) as a launch config."""
+    cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
+    if len(t) > 4:
+        cfg["PREFETCH"] = t[4]
     return cfg
 
 
@@ -152,7 +162,7 @@ def sweep(x, ref_out, ref_g):
     print("\n## training sweep: fwd with checkpoints (fitted default) + bwd config")
     bbest = None
     for t in BWD_SWEEP:
-        cfg = cfg_of(t)
+        cfg = bwd_cfg_of(t)
         try:
             out, g = train_launch(x, cfg)
             e = max(rel_l2(g[n].float(), ref_g[n]) for n in NAMES)
@@ -183,7 +193,7 @@ def row(L, mfn, best, bbest):
 
         cfb = bench(m_fb)
     bf = bench(lambda: fwd_launch(x, cfg_of(best[0]))) if best else float("nan")
-    bfb = bench(lambda: train_launch(x, cfg_of(bbest[0]))) if bbest else float("nan")
+    bfb = bench(lambda: train_launch(x, bwd_cfg_of(bbest[0]))) if bbest else float("nan")
     vals = (f, fb, cf, cfb, cf / f, cfb / fb, bf, bfb, f"{cf / bf:.2f}/{cfb / bfb:.2f}")
     print(" | ".join([f"{L:>9d}"] + [v if isinstance(v, str) else f"{v:9.3f}" for v in vals]))
 

@@ -199,6 +199,40 @@ def test_forward_prefetch_is_bit_identical(device, bk, ck, N, cols):
 
 
 @pytest.mark.parametrize(
+    "bk,ck,N,h0",
+    [("variable", "fixed", 5, True), ("grouped", "variable", 4, False), ("fixed", "fixed", 1, True)],
+)  # fmt: skip
+def test_backward_prefetch_is_bit_identical(device, bk, ck, N, h0):
+    # the backward's PREFETCH issues column n + 1's loads (A, B/C, checkpoint or initial state,
+    # adjoint) during column n: every gradient must be equal to the bit
+    x = op.make_inputs(2, 6, 45, N, device=device, B_kind=bk, C_kind=ck, groups=2,
+                       initial_state=h0, seed=N)  # fmt: skip
+    args = [x[n] for n in op._TENSORS]
+    fwd_cfg = {"BLOCK_G": 2, "BLOCK_R": 4, "BLOCK_D": 2}
+    _, _, ckpt = launch.selective_scan_fwd(*args, True, 16, True, config=fwd_cfg)
+    res = [
+        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
+                                  config={"BLOCK_D": 2, "BLOCK_R": 4, "PREFETCH": p})
+        for p in (0, 1)
+    ]  # fmt: skip
+    for name in res[0]:
+        a, b = res[0][name], res[1][name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b), name
+    np_in = {n: to_numpy(x[n]) for n in op._TENSORS if x[n] is not None}
+    ref_g = selective_scan_bwd(to_numpy(x["dout"]), delta_softplus=True,
+                               dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
+    report = Report("selective_scan", f"bwd PREFETCH {bk}/{ck} N={N}")
+    for name in op._TENSORS:
+        if x[name] is not None:
+            report.check(f"d{name}", res[1][name], ref_g[name])
+    report.assert_ok()
+
+
+@pytest.mark.parametrize(
     "config,match",
     [({"BLOCK_Q": 2}, "unknown selective_scan fwd config keys"), ({"BLOCK_G": 3}, "power of two"),
      ({"COLS": 3}, "COLS must be 1 or 2"), ({"PREFETCH": 2}, "PREFETCH must be 0 or 1")],

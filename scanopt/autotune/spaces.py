@@ -520,11 +520,11 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
 
     def space(shape: Mapping[str, int], dtype: str, props: DeviceProps) -> Space:
         bds = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max(4, next_pow2(shape["dim"])))
+        # PREFETCH: each column's loads issued one iteration ahead
         keys = {"BLOCK_D": bds, "BLOCK_G": (2, 4, 8, 16, 32), "BLOCK_R": (4, 8, 16, 32),
-                "num_warps": (1, 2, 4), "num_stages": (1,)}  # fmt: skip
+                "num_warps": (1, 2, 4), "num_stages": (1,), "PREFETCH": (0, 1)}  # fmt: skip
         if direction == "fwd":
             keys["COLS"] = (1, 2)  # state columns in flight per thread
-            keys["PREFETCH"] = (0, 1)  # column loads issued one iteration ahead
         return Space(keys, ok)
 
     return space

@@ -408,6 +408,30 @@ def selective_scan_fwd_kernel(
 
 
 @triton.jit
+def _bwd_column_loads(n, valid, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs,
+                      adj_ptrs, l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d,
+                      s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n,
+                      B_VAR: tl.constexpr, C_VAR: tl.constexpr, HAS_H0: tl.constexpr):  # fmt: skip
+    """The global loads of one state column of a backward chunk ``c``: ``(A2n [BD], B, C, xc
+    [BD], q [BD, G])``: B/C as ``_bc_load`` gives them, ``xc`` the state before the chunk (its
+    checkpoint, or the initial state for chunk 0) and ``q`` the column's adjoint after the chunk
+    (group 0 only). A column with ``valid`` False reads nothing (zeros)."""
+    md = mask_d & valid
+    A2n = tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=md, other=0.0).to(tl.float32) * LOG2E
+    Braw = _bc_load(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g, B_VAR,
+                    valid)  # fmt: skip
+    Craw = _bc_load(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g, C_VAR,
+                    valid)  # fmt: skip
+    xc = tl.load(ck_ptrs + ((c - 1) * N + n).to(tl.int64) * dim, mask=md & (c > 0), other=0.0)
+    if HAS_H0:
+        h0n = tl.load(h0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n * s_h0_n,
+                      mask=md & (c == 0), other=0.0).to(tl.float32)  # fmt: skip
+        xc = tl.where(c == 0, h0n, xc)
+    q = tl.load(adj_ptrs + n * dim, mask=first_group & valid, other=0.0)
+    return A2n, Braw, Craw, xc, q
+
+
+@triton.jit
 def selective_scan_bwd_kernel(
     dout_ptr,
     dlast_ptr,
@@ -477,6 +501,7 @@ def selective_scan_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """All gradients of the scan, walking the chunks (of BLOCK_G * BLOCK_R steps = the
     forward's checkpoint interval) backwards.
@@ -566,24 +591,33 @@ def selective_scan_bwd_kernel(
             gB_r = gB_r + (zrow,)
             gxA_r = gxA_r + (zrow,)
             y_r = y_r + (zrow,)
+        # PREFETCH: column n + 1's loads are issued before column n's arithmetic (see the forward)
+        if PREFETCH:
+            ahead = _bwd_column_loads(
+                0, 0 < N, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs, adj_ptrs, l3,
+                mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d, s_A_n, s_B_n, s_B_l,
+                s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n, B_VAR, C_VAR, HAS_H0,
+            )  # fmt: skip
         for n in range(0, N):
-            A2n = (
-                tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d, other=0.0).to(tl.float32)[
-                    :, None
-                ]
-                * LOG2E
-            )  # [BD, 1]
-            Bt = _bc_rows(B_base, B_ptr, n, l3, mask_l3, offs_d, mask_d, s_B_n, s_B_l, s_B_g,
-                          B_VAR, BLOCK_R)  # fmt: skip
-            Ct = _bc_rows(C_base, C_ptr, n, l3, mask_l3, offs_d, mask_d, s_C_n, s_C_l, s_C_g,
-                          C_VAR, BLOCK_R)  # fmt: skip
-            xc = tl.load(
-                ck_ptrs + ((c - 1) * N + n).to(tl.int64) * dim, mask=mask_d & (c > 0), other=0.0
-            )
-            if HAS_H0:
-                h0n = tl.load(h0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n * s_h0_n,
-                              mask=mask_d & (c == 0), other=0.0).to(tl.float32)  # fmt: skip
-                xc = tl.where(c == 0, h0n, xc)
+            if PREFETCH:
+                cur = ahead
+                ahead = _bwd_column_loads(
+                    n + 1, n + 1 < N, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs,
+                    adj_ptrs, l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d,
+                    s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n,
+                    B_VAR, C_VAR, HAS_H0,
+                )  # fmt: skip
+            else:
+                cur = _bwd_column_loads(
+                    n, True, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs, adj_ptrs,
+                    l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d, s_A_n, s_B_n,
+                    s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n, B_VAR, C_VAR,
+                    HAS_H0,
+                )  # fmt: skip
+            A2n, Braw, Craw, xc, q = cur
+            A2n = A2n[:, None]  # [BD, 1]
+            Bt = _bc_split(Braw, B_VAR, BLOCK_R)
+            Ct = _bc_split(Craw, C_VAR, BLOCK_R)
             a_r, inp_r, P, x_in, x_end = _chunk_states(dt_r, dtu_r, A2n, Bt, zrow + xc[:, None],
                                                        gi, BLOCK_R)  # fmt: skip
             xs_r = ()
@@ -592,8 +626,7 @@ def selective_scan_bwd_kernel(
                 xn = a_r[t] * xn + inp_r[t]
                 xs_r = xs_r + (xn,)
             # adjoint: local pass per group, then the groups' carries right to left
-            q = tl.load(adj_ptrs + n * dim, mask=first_group, other=0.0)  # group 0 holds it
-            q = tl.gather(q, tl.full(zero2.shape, 0, tl.int32), 1)
+            q = tl.gather(q, tl.full(zero2.shape, 0, tl.int32), 1)  # group 0 holds it
             Gl = zrow
             for t in tl.static_range(BLOCK_R - 1, -1, -1):
                 Gl = a_r[t] * (dy_r[t] * Ct[t] + Gl)

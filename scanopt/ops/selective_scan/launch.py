@@ -17,7 +17,7 @@ from scanopt.autotune import resolve_config as tuned_config
 #: the keys of a launch config, per kernel (the tuner's search space)
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "PREFETCH", "num_warps", "num_stages"),
-    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps", "num_stages"),
+    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "PREFETCH", "num_warps", "num_stages"),
     "update": ("BLOCK_D", "num_warps"),
 }
 
@@ -55,11 +55,12 @@ def default_config(
       chunk must divide it.
     - ``COLS`` (forward only): state columns advanced per iteration of the column loop, 1 or 2
       (2: two independent recurrences in flight per thread, more registers).
-    - ``PREFETCH`` (forward only): 1 issues the next iteration's column loads (A, B/C rows, the
-      carried state) before this iteration's arithmetic; 0 loads each column where it is used.
-      On an H100 the forward's warps spend half their stall cycles waiting on those loads
-      (Nsight Compute, 2026-12-06), but 1 costs ~20 registers and is not yet timed on a GPU,
-      so GPUs default to 0 and the tuner chooses; the interpreter defaults to 1.
+    - ``PREFETCH``: 1 issues the next iteration's column loads (A, the B/C rows, the carried
+      state; in the backward the checkpoint and the adjoint) before this iteration's
+      arithmetic; 0 loads each column where it is used. Same results to the bit. On an H100 the
+      warps spend half their stall cycles waiting on those loads (Nsight Compute, 2026-12-06);
+      1 costs a few registers (forward +6 on sm_90) and is not yet timed, so GPUs default to 0
+      and the tuner chooses; the interpreter defaults to 1.
     - ``num_warps``, ``num_stages``: as usual.
     """
     if kind not in CONFIG_KEYS:
@@ -80,7 +81,7 @@ def default_config(
         # the interpreter pays per operation, not per element: wide tiles, short loops
         cfg = {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
                "num_stages": 1}  # fmt: skip
-        return {**cfg, "COLS": 1, "PREFETCH": 1} if kind == "fwd" else cfg
+        return {**cfg, "COLS": 1, "PREFETCH": 1} if kind == "fwd" else {**cfg, "PREFETCH": 1}
     # 8 groups of 16 steps (128-step chunks), one channel per thread. Picked offline from the
     # SASS of the column loop (about 14 instructions per (t, d, n) in the forward with one warp
     # per program; the backward costs about 39 with one warp and 50 with eight, but eight warps
@@ -93,7 +94,8 @@ def default_config(
     # with checkpoints + bwd: 5.65 vs 6.32 ms; bench/notes/selective_scan.md). One-warp
     # programs of 4 channels were faster still (4.60 ms) but multiply the variable-B/C partial
     # sums eightfold (4.3 GB at L = 16k), so they are left to the tuner.
-    return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "PREFETCH": 0, "num_warps": 4,
+            "num_stages": 1}  # fmt: skip
 
 
 def resolve_config(
@@ -316,7 +318,7 @@ def selective_scan_bwd(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
         HAS_DLAST=dlast is not None, B_VAR=bcb[0], C_VAR=bcc[0],
-        BLOCK_D=BD, BLOCK_G=G, BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_D=BD, BLOCK_G=G, BLOCK_R=cfg["BLOCK_R"], PREFETCH=bool(cfg.get("PREFETCH", 0)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return {
