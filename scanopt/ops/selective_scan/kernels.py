@@ -17,6 +17,8 @@ dtype; the rest of ``BLOCK_R`` after one in-register layout change), with the gr
   when ``batch * dim`` is small (batch 4 x dim 2048 is only 8192 sequential channels).
 - A column's state between chunks lives in a small fp32 buffer (batch, N, dim), read and
   written by the thread that owns it.
+- A column's global loads (A, B/C rows, the carried state) are split from its arithmetic;
+  with ``PREFETCH`` the loop issues the next column's loads before this column's work.
 
 The backward walks the chunks in reverse from the forward's chunk-boundary checkpoints: per
 chunk and column it recomputes the states, then runs the adjoint the same way (rows backwards,
@@ -155,15 +157,6 @@ def _bc_split(raw, VAR: tl.constexpr, R: tl.constexpr):
         for _t in tl.static_range(R):
             out = out + (raw[:, None],)  # [BD, 1]
     return out
-
-
-@triton.jit
-def _bc_rows(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d,
-             VAR: tl.constexpr, R: tl.constexpr, valid=True):  # fmt: skip
-    """B or C of column n for the chunk's rows: R tensors broadcastable to [BD, G] (zeros
-    where ``valid`` is False)."""
-    raw = _bc_load(base, fixed_ptr, n, l3, mask_l3, offs_d, mask_d, s_n, s_l, s_d, VAR, valid)
-    return _bc_split(raw, VAR, R)
 
 
 @triton.jit
