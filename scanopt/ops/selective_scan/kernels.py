@@ -353,44 +353,38 @@ def selective_scan_fwd_kernel(
         # so each column's B/C rows arrive while the previous column computes (without it the
         # warps stall on those loads: Nsight Compute, H100, 2026-12-06)
         if PREFETCH:
-            nxt = ()
+            ahead = ()
             for j in tl.static_range(COLS):
-                nxt = nxt + (
+                ahead = ahead + (
                     _fwd_column_loads(
                         j, j < N, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3, mask_l3,
                         offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n, s_B_l, s_B_g,
                         s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
                     ),
                 )  # fmt: skip
-            for n0 in range(0, N, COLS):
-                cur = nxt
-                nxt = ()
-                for j in tl.static_range(COLS):
-                    nn = n0 + COLS + j
-                    nxt = nxt + (
-                        _fwd_column_loads(
-                            nn, nn < N, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3,
-                            mask_l3, offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n,
-                            s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
-                        ),
-                    )  # fmt: skip
-                for j in tl.static_range(COLS):
-                    y_r = _fwd_column(
-                        n0 + j, (n0 + j) < N, cur[j], y_r, dt_r, dtu_r, st_ptrs, ck_ptrs,
-                        first_group, gi, dim, N, kk, store_ck, B_VAR, C_VAR, BLOCK_R,
-                    )  # fmt: skip
-        else:
-            for n0 in range(0, N, COLS):
-                for j in tl.static_range(COLS):
-                    loads = _fwd_column_loads(
-                        n0 + j, (n0 + j) < N, A_ptr, B_base, B_ptr, C_base, C_ptr, st_ptrs, l3,
-                        mask_l3, offs_d, mask_d, first_group, dim, s_A_d, s_A_n, s_B_n, s_B_l,
-                        s_B_g, s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
-                    )  # fmt: skip
-                    y_r = _fwd_column(
-                        n0 + j, (n0 + j) < N, loads, y_r, dt_r, dtu_r, st_ptrs, ck_ptrs,
-                        first_group, gi, dim, N, kk, store_ck, B_VAR, C_VAR, BLOCK_R,
-                    )  # fmt: skip
+        for n0 in range(0, N, COLS):
+            n_load = n0  # first column whose loads are issued in this iteration
+            if PREFETCH:
+                n_load = n0 + COLS
+            fresh = ()
+            for j in tl.static_range(COLS):
+                fresh = fresh + (
+                    _fwd_column_loads(
+                        n_load + j, (n_load + j) < N, A_ptr, B_base, B_ptr, C_base, C_ptr,
+                        st_ptrs, l3, mask_l3, offs_d, mask_d, first_group, dim, s_A_d, s_A_n,
+                        s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, B_VAR, C_VAR,
+                    ),
+                )  # fmt: skip
+            if PREFETCH:
+                cur = ahead
+                ahead = fresh
+            else:
+                cur = fresh
+            for j in tl.static_range(COLS):
+                y_r = _fwd_column(
+                    n0 + j, (n0 + j) < N, cur[j], y_r, dt_r, dtu_r, st_ptrs, ck_ptrs,
+                    first_group, gi, dim, N, kk, store_ck, B_VAR, C_VAR, BLOCK_R,
+                )  # fmt: skip
         y = _join_rows(y_r, BLOCK_R)  # [BD, G, R]
         if HAS_D:
             y += Dv[:, None, None] * u
@@ -592,21 +586,20 @@ def selective_scan_bwd_kernel(
                 s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n, B_VAR, C_VAR, HAS_H0,
             )  # fmt: skip
         for n in range(0, N):
+            n_load = n  # the column whose loads are issued in this iteration
+            if PREFETCH:
+                n_load = n + 1
+            fresh = _bwd_column_loads(
+                n_load, n_load < N, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs,
+                adj_ptrs, l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d, s_A_n,
+                s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n, B_VAR, C_VAR,
+                HAS_H0,
+            )  # fmt: skip
             if PREFETCH:
                 cur = ahead
-                ahead = _bwd_column_loads(
-                    n + 1, n + 1 < N, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs,
-                    adj_ptrs, l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d,
-                    s_A_n, s_B_n, s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n,
-                    B_VAR, C_VAR, HAS_H0,
-                )  # fmt: skip
+                ahead = fresh
             else:
-                cur = _bwd_column_loads(
-                    n, True, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs, adj_ptrs,
-                    l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d, s_A_n, s_B_n,
-                    s_B_l, s_B_g, s_C_n, s_C_l, s_C_g, s_h0_b, s_h0_d, s_h0_n, B_VAR, C_VAR,
-                    HAS_H0,
-                )  # fmt: skip
+                cur = fresh
             A2n, Braw, Craw, xc, q = cur
             A2n = A2n[:, None]  # [BD, 1]
             Bt = _bc_split(Braw, B_VAR, BLOCK_R)
