@@ -3,12 +3,16 @@
 
     PYTHONPATH=$PWD python bench/kernel_times.py --op wkv7 --L 4096 --mode tc
     PYTHONPATH=$PWD python bench/kernel_times.py --op selective_scan --L 4096
+    PYTHONPATH=$PWD python bench/kernel_times.py --op wkv4 --L 1024 --cprofile 25
 
 Anchor shapes (ANCHORS.md), bf16: WKV-6/7 B 4, H 32, K = V = 64 (``--mode`` forces a kernel
 family: recurrent, chunked or tc); selective scan batch 4, dim 2048, N 16, variable B/C, z, D,
-delta_bias, softplus. One untimed warm-up call (compiles), then ``--reps`` profiled calls under
-``torch.profiler``; prints each CUDA kernel's mean time per call and share of the total, and the
-CUDA events' wall time of one call for comparison.
+delta_bias, softplus; WKV-4 B 4, C 2048; attention B 4, H 16, D 128, causal (``flash_attn_func``).
+One untimed warm-up call (compiles), then ``--reps`` profiled calls under ``torch.profiler``;
+prints each CUDA kernel's mean time per call and share of the total, the CUDA events' wall time
+of one call, and the host time per call: 20 calls issued back to back without a sync, timed on
+the CPU. Host time above the kernels' time means the op is host-bound at that shape;
+``--cprofile N`` then lists the N Python functions with the most own time over those calls.
 """
 
 from __future__ import annotations
@@ -52,17 +56,67 @@ def _scan_call(L: int):
     return call
 
 
+def _wkv4_call(L: int):
+    from scanopt.ops.wkv4.op import make_inputs, wkv4
+
+    x = make_inputs(4, L, 2048, dtype=torch.bfloat16, device="cuda")
+    names = ("time_decay", "time_first", "key", "value")
+
+    def call():
+        lv = [x[n].detach().requires_grad_(True) for n in names]
+        out = wkv4(*lv)
+        out.backward(x["grad_out"])
+
+    return call
+
+
+def _attention_call(L: int):
+    from scanopt import flash_attn_func
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (
+        torch.randn(4, L, 16, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+        for _ in range(4)
+    )
+
+    def call():
+        lv = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = flash_attn_func(*lv, causal=True)
+        out.backward(do)
+
+    return call
+
+
+def _host_time(call, n: int = 20) -> float:
+    """Mean CPU time (ms) to issue one call when the GPU never makes the host wait."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", required=True, choices=("wkv6", "wkv7", "selective_scan"))
+    ap.add_argument(
+        "--op", required=True, choices=("wkv4", "wkv6", "wkv7", "selective_scan", "attention")
+    )
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--mode", choices=("recurrent", "chunked", "tc"), help="WKV-6/7 only")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="top-N host functions")
     a = ap.parse_args()
-    if a.mode and a.op == "selective_scan":
+    if a.mode and a.op not in ("wkv6", "wkv7"):
         ap.error("--mode applies to wkv6/wkv7 only")
-    call = _scan_call(a.L) if a.op == "selective_scan" else _wkv_call(a.op, a.L, a.mode)
+    makers = {"selective_scan": _scan_call, "wkv4": _wkv4_call, "attention": _attention_call}
+    call = makers[a.op](a.L) if a.op in makers else _wkv_call(a.op, a.L, a.mode)
     call()  # compile
+    call()
+    host = _host_time(call)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -83,9 +137,22 @@ def main() -> None:
             per[ev.name][1] += 1
     total = sum(t for t, _ in per.values())
     print(f"# {torch.cuda.get_device_name()} {a.op} L={a.L} mode={a.mode or 'default'}: "
-          f"kernels {total:.3f} ms per fwd+bwd, CUDA-event wall {wall:.3f} ms")  # fmt: skip
+          f"kernels {total:.3f} ms per fwd+bwd, CUDA-event wall {wall:.3f} ms, "
+          f"host {host:.3f} ms per call")  # fmt: skip
     for name, (t, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
         print(f"{t:9.3f} ms {100 * t / total:5.1f}%  x{n // a.reps:<3d} {name[:90]}")
+    if a.cprofile:
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(20):
+            call()
+        pr.disable()
+        torch.cuda.synchronize()
+        print("# host functions, own time over 20 calls")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(a.cprofile)
 
 
 if __name__ == "__main__":
