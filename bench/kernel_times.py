@@ -64,7 +64,7 @@ def _wkv4_call(L: int):
 
     def call():
         lv = [x[n].detach().requires_grad_(True) for n in names]
-        out = wkv4(*lv)
+        out, _ = wkv4(*lv)
         out.backward(x["grad_out"])
 
     return call

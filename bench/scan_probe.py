@@ -46,18 +46,15 @@ BWD_SWEEP = [
 def cfg_of(t):
     """A forward sweep tuple (BD, G, R, warps[, COLS[, PREFETCH]]) as a launch config."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
-    if len(t) > 4:
-        cfg["COLS"] = t[4]
-    if len(t) > 5:
-        cfg["PREFETCH"] = t[5]
+    cfg["COLS"] = t[4] if len(t) > 4 else 1  # explicit: the launcher's default has COLS 2
+    cfg["PREFETCH"] = t[5] if len(t) > 5 else 0
     return cfg
 
 
 def bwd_cfg_of(t):
     """A backward sweep tuple (BD, G, R, warps[, PREFETCH]) as a launch config."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
-    if len(t) > 4:
-        cfg["PREFETCH"] = t[4]
+    cfg["PREFETCH"] = t[4] if len(t) > 4 else 0
     return cfg
 
 

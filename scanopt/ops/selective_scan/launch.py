@@ -58,9 +58,10 @@ def default_config(
     - ``PREFETCH``: 1 issues the next iteration's column loads (A, the B/C rows, the carried
       state; in the backward the checkpoint and the adjoint) before this iteration's
       arithmetic; 0 loads each column where it is used. Same results to the bit. On an H100 the
-      warps spend half their stall cycles waiting on those loads (Nsight Compute, 2026-12-06);
-      1 costs a few registers (forward +6 on sm_90) and is not yet timed, so GPUs default to 0
-      and the tuner chooses; the interpreter defaults to 1.
+      warps spend half their stall cycles waiting on those loads (Nsight Compute, 2026-12-06).
+      Measured (H100, anchor shape, L = 4096): the forward default with ``COLS=2, PREFETCH=1``
+      runs 0.676 ms against 1.026 with neither (1.52x); in the backward, where it adds spills,
+      ``PREFETCH=1`` is 0.98-1.10x depending on the config, so the backward keeps 0.
     - ``num_warps``, ``num_stages``: as usual.
     """
     if kind not in CONFIG_KEYS:
@@ -88,7 +89,9 @@ def default_config(
     # cut its per-block dB/dC partial sums, batch * dim/BLOCK_D * N * L * 4 bytes each for
     # variable B/C, eightfold). The tuner refines both per GPU.
     if kind == "fwd":
-        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 1, "PREFETCH": 0,
+        # two columns in flight and the next column's loads issued ahead: the forward waits on
+        # load latency, not on the FMA chain (probe sweep, H100, 2026-12-06: 1.52x)
+        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 2, "PREFETCH": 1,
                 "num_warps": 1, "num_stages": 1}  # fmt: skip
     # backward: 4 warps rather than 8 measured 1.12x faster (H100, anchor shape, L = 4096, fwd
     # with checkpoints + bwd: 5.65 vs 6.32 ms; bench/notes/selective_scan.md). One-warp
