@@ -35,13 +35,28 @@ VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
+# POSIX keeps the environment as bytes in ``os.environ._data`` (updated by every
+# ``os.environ[...] = ...``, ``monkeypatch.setenv``, ``del``); reading it with a pre-encoded key
+# costs ~0.1 us against ~1.5 us for ``os.environ.get`` (key encoding, Mapping.get, decoding),
+# and the launch path reads these variables a dozen times per call.
+_BYTES_KEYS = {name: name.encode() for name in (*VARIABLES, "TRITON_INTERPRET")}
+
+
+def _read(name: str, default: str) -> str:
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+        value = data.get(_BYTES_KEYS[name])
+        return default if value is None else value.decode(errors="surrogateescape")
+    return os.environ.get(name, default)
+
+
 def _get(name: str) -> str:
-    return os.environ.get(name, VARIABLES[name][0])
+    return _read(name, VARIABLES[name][0])
 
 
 def interpreting() -> bool:
     """True when Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _read("TRITON_INTERPRET", "0") == "1"
 
 
 def backend_setting() -> str:

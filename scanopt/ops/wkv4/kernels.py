@@ -147,6 +147,22 @@ def _store_state(ptr, C, a, b, p, mask_c):
 
 
 @triton.jit
+def _initial_state(state_ptr, i_b, B, C, o_c, mask_c, HAS_STATE: tl.constexpr):
+    # state_ptr: [3, B, C] fp32 (num, den, max); without a state, transformers' empty state
+    # (0, 0, -1e38). An incoming max below -1e38 is clamped to it.
+    if HAS_STATE:
+        p_s = state_ptr + i_b * C + o_c
+        a = tl.load(p_s, mask=mask_c, other=0.0)
+        b = tl.load(p_s + B * C, mask=mask_c, other=0.0)
+        p = tl.maximum(tl.load(p_s + 2 * B * C, mask=mask_c, other=-1e38), -1e38)
+    else:
+        a = tl.zeros(o_c.shape, dtype=tl.float32)
+        b = tl.zeros(o_c.shape, dtype=tl.float32)
+        p = tl.full(o_c.shape, -1e38, dtype=tl.float32)
+    return a, b, p
+
+
+@triton.jit
 def wkv4_fwd_summary_kernel(
     k_ptr,
     v_ptr,
@@ -206,6 +222,7 @@ def wkv4_fwd_scan_kernel(
     sum_ptr,
     sidx_ptr,
     td_ptr,
+    state_ptr,
     states_ptr,
     final_ptr,
     fidx_ptr,
@@ -215,6 +232,7 @@ def wkv4_fwd_scan_kernel(
     NC,
     CHUNK: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     i_c = tl.program_id(0).to(tl.int64)
@@ -222,11 +240,9 @@ def wkv4_fwd_scan_kernel(
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     mask_c = o_c < C
     w = _decay(td_ptr, o_c, mask_c)
-    # states_ptr: [B, NC, 3, C]; chunk 0 holds the initial state (written by the launcher)
-    p_s = states_ptr + i_b * NC * 3 * C + o_c
-    a = tl.load(p_s, mask=mask_c, other=0.0)
-    b = tl.load(p_s + C, mask=mask_c, other=0.0)
-    p = tl.load(p_s + 2 * C, mask=mask_c, other=-1e38)
+    # states_ptr: [B, NC, 3, C] every chunk's incoming state; chunk 0's is the initial state
+    a, b, p = _initial_state(state_ptr, i_b, B, C, o_c, mask_c, HAS_STATE)
+    _store_state(states_ptr + i_b * NC * 3 * C + o_c, C, a, b, p, mask_c)
     idx = tl.full([BLOCK_C], -1, tl.int32)
     for n in tl.range(0, NC, num_stages=NUM_STAGES):
         row = i_b * NC + n
@@ -250,6 +266,7 @@ def wkv4_fwd_out_kernel(
     v_ptr,
     td_ptr,
     tf_ptr,
+    state_ptr,
     states_ptr,
     y_ptr,
     final_ptr,
@@ -266,6 +283,7 @@ def wkv4_fwd_out_kernel(
     CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     STORE_FINAL: tl.constexpr,
     EVEN_T: tl.constexpr,
     FAST: tl.constexpr,
@@ -279,9 +297,15 @@ def wkv4_fwd_out_kernel(
     w = _decay(td_ptr, o_c, mask_c)
     u = tl.load(tf_ptr + o_c, mask=mask_c, other=0.0).to(tl.float32)
     p_s = states_ptr + (i_b * n_chunks + i_n) * 3 * C + o_c
-    a = tl.load(p_s, mask=mask_c, other=0.0)
-    b = tl.load(p_s + C, mask=mask_c, other=0.0)
-    p = tl.load(p_s + 2 * C, mask=mask_c, other=-1e38)
+    if STORE_FINAL:
+        # a single chunk (no scan pass): start from the initial state, and record it as chunk
+        # 0's incoming state for the backward
+        a, b, p = _initial_state(state_ptr, i_b, B, C, o_c, mask_c, HAS_STATE)
+        _store_state(p_s, C, a, b, p, mask_c)
+    else:
+        a = tl.load(p_s, mask=mask_c, other=0.0)
+        b = tl.load(p_s + C, mask=mask_c, other=0.0)
+        p = tl.load(p_s + 2 * C, mask=mask_c, other=-1e38)
     idx = tl.full([BLOCK_C], -1, tl.int32)
     p_k = k_ptr + i_b * stride_kb + o_c
     p_v = v_ptr + i_b * stride_vb + o_c
@@ -617,3 +641,36 @@ def wkv4_bwd_grad_kernel(
             rp = tl.where(valid, np_, rp)
     tl.store(gw_ptr + row * C + o_c, gw, mask=mask_c)
     tl.store(gu_ptr + row * C + o_c, gu, mask=mask_c)
+
+
+@triton.jit
+def wkv4_bwd_param_kernel(
+    gw_ptr,
+    gu_ptr,
+    gwx_ptr,
+    td_ptr,
+    gtd_ptr,
+    gtf_ptr,
+    R,
+    B,
+    C,
+    BLOCK_C: tl.constexpr,
+):
+    # gw_ptr, gu_ptr: [R = B * NC, C] per-(batch, chunk) partial sums; gwx_ptr: [B, C] the
+    # incoming-state share of dw. Fixed summation order (rows in sequence): deterministic.
+    # One launch instead of the ~10 small PyTorch ops of the sums, the chain rule through
+    # w = -exp(time_decay) and the casts.
+    i_c = tl.program_id(0).to(tl.int64)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = o_c < C
+    gw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gu = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r in range(0, R):
+        gw += tl.load(gw_ptr + r * C + o_c, mask=mask_c, other=0.0)
+        gu += tl.load(gu_ptr + r * C + o_c, mask=mask_c, other=0.0)
+    gwx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for b in range(0, B):
+        gwx += tl.load(gwx_ptr + b * C + o_c, mask=mask_c, other=0.0)
+    w = _decay(td_ptr, o_c, mask_c)
+    tl.store(gtd_ptr + o_c, ((gw + gwx) * w).to(gtd_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(gtf_ptr + o_c, gu.to(gtf_ptr.dtype.element_ty), mask=mask_c)

@@ -17,6 +17,7 @@ from scanopt.autotune.store import register_launch_cache
 from scanopt.ops._rwkv_common import cdiv, next_pow2
 from scanopt.ops.wkv4.kernels import (
     wkv4_bwd_grad_kernel,
+    wkv4_bwd_param_kernel,
     wkv4_bwd_scan_kernel,
     wkv4_bwd_summary_kernel,
     wkv4_fwd_out_kernel,
@@ -28,6 +29,8 @@ __all__ = ["CONFIG_KEYS", "EMPTY_MAX", "default_config", "resolve_config", "wkv4
 
 #: transformers' running max of an empty state (num = den = 0)
 EMPTY_MAX = -1e38
+#: channels per program of the kernel that sums the decay / bonus gradients over (batch, chunk)
+_PARAM_BLOCK_C = 128
 #: the per-step log decay is clamped here (exp(time_decay) overflows fp32 above ~88)
 MIN_W = -1e30
 
@@ -205,20 +208,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _initial_states(
-    state: torch.Tensor | None, B: int, NC: int, C: int, device: torch.device
-) -> torch.Tensor:
-    """``[B, NC, 3, C]`` fp32 buffer of every chunk's incoming state; chunk 0 filled here."""
-    states = empty((B, NC, 3, C), torch.float32, device)
-    if state is None:
-        states[:, 0, :2] = 0.0
-        states[:, 0, 2] = EMPTY_MAX
-    else:
-        states[:, 0] = state.transpose(0, 1)
-        states[:, 0, 2].clamp_(min=EMPTY_MAX)
-    return states
-
-
 def wkv4_fwd(
     time_decay: torch.Tensor,
     time_first: torch.Tensor,
@@ -253,7 +242,10 @@ def wkv4_fwd(
     out = empty((B, T, C), key.dtype, device)
     final = empty((3, B, C), torch.float32, device)
     fidx = empty((B, C), torch.int32, device)
-    states = _initial_states(state, B, NC, C, device)
+    # every chunk's incoming state; chunk 0's is written by the scan (or single-chunk) kernel
+    states = empty((B, NC, 3, C), torch.float32, device)
+    has_state = state is not None
+    state_arg = state.contiguous() if has_state else states
     if NC > 1:
         summ = empty((B, NC, 3, C), torch.float32, device)
         sidx = empty((B, NC, C), torch.int32, device)
@@ -280,6 +272,7 @@ def wkv4_fwd(
             summ,
             sidx,
             td,
+            state_arg,
             states,
             final,
             fidx,
@@ -289,6 +282,7 @@ def wkv4_fwd(
             NC,
             CHUNK=chunk,
             BLOCK_C=cfg["scan_block_c"],
+            HAS_STATE=has_state,
             NUM_STAGES=cfg["scan_stages"],
             num_warps=cfg["scan_warps"],
         )
@@ -297,6 +291,7 @@ def wkv4_fwd(
         value,
         td,
         tf,
+        state_arg,
         states,
         out,
         final,
@@ -313,6 +308,7 @@ def wkv4_fwd(
         CHUNK=chunk,
         BLOCK_T=block_t,
         BLOCK_C=cfg["block_c"],
+        HAS_STATE=has_state,
         STORE_FINAL=NC == 1,
         EVEN_T=T % chunk == 0,
         FAST=fast,
@@ -444,8 +440,9 @@ def wkv4_bwd(
         FAST=fast,
         num_warps=cfg["num_warps"],
     )
-    w = (-torch.exp(td.float())).clamp(min=MIN_W)
-    gw = gw_part.sum((0, 1)) + gwx.sum(0)
-    g_td = (gw * w).to(time_decay.dtype)
-    g_tf = gu_part.sum((0, 1)).to(time_first.dtype)
+    g_td = empty((C,), time_decay.dtype, device)
+    g_tf = empty((C,), time_first.dtype, device)
+    wkv4_bwd_param_kernel[(cdiv(C, _PARAM_BLOCK_C),)](
+        gw_part, gu_part, gwx, td, g_td, g_tf, B * NC, B, C, BLOCK_C=_PARAM_BLOCK_C, num_warps=4
+    )
     return g_td, g_tf, gk, gv, gstate
