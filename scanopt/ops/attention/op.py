@@ -273,6 +273,8 @@ def _attention_fwd_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.params = tuple(params)
+    # an unused lse gets None, not zeros: no memset, and the preprocess skips its term
+    ctx.set_materialize_grads(False)
 
 
 def _attention_fwd_backward(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
@@ -285,6 +287,10 @@ def _attention_backward_eager(ctx: Any, dout: Tensor, dlse: Tensor | None) -> tu
 
 def _attention_backward_with(bwd: Any, ctx: Any, dout: Tensor, dlse: Tensor | None) -> tuple:
     q, k, v, out, lse = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return (None,) * (3 + len(ctx.params))
+    if dout is None:
+        dout = torch.zeros_like(out)
     dq, dk, dv = bwd(dout, q, k, v, out, lse, dlse, *ctx.params)
     return (dq, dk, dv) + (None,) * len(ctx.params)
 

@@ -229,9 +229,13 @@ def _(grad_out, grad_final, time_decay, time_first, key, value, state, final, st
 
 def _setup_context(ctx, inputs, output):
     time_decay, time_first, key, value, state, chunk = inputs
-    _, final, states, fidx = output
+    out, final, states, fidx = output
     ctx.save_for_backward(time_decay, time_first, key, value, state, final, states, fidx)
-    ctx.chunk = chunk
+    ctx.chunk, ctx.out_dtype = chunk, out.dtype
+    # unused outputs get None, not zeros: no memsets, and the kernels skip the final-state
+    # cotangent when it is absent
+    ctx.mark_non_differentiable(states, fidx)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
@@ -244,6 +248,10 @@ def _backward_eager(ctx, grad_out, grad_final, _grad_states, _grad_fidx):
 
 def _backward_with(bwd, ctx, grad_out, grad_final):
     time_decay, time_first, key, value, state, final, states, fidx = ctx.saved_tensors
+    if grad_out is None and grad_final is None:
+        return (None,) * 6
+    if grad_out is None:
+        grad_out = torch.zeros(key.shape, dtype=ctx.out_dtype, device=key.device)
     g_td, g_tf, gk, gv, gs = bwd(
         grad_out, grad_final, time_decay, time_first, key, value, state, final, states, fidx,
         ctx.chunk,

@@ -177,7 +177,10 @@ def _(do, dht, r, k, v, w, u, scale, initial_state, ckpt, chunk):
 def _setup_context(ctx, inputs, output):
     r, k, v, w, u, scale, initial_state, store_ckpt, chunk = inputs
     ctx.save_for_backward(r, k, v, w, u, initial_state, output[2])
-    ctx.scale, ctx.chunk = scale, chunk
+    ctx.scale, ctx.chunk, ctx.out_dtype = scale, chunk, output[0].dtype
+    # unused outputs (the final state, the checkpoints) get None, not zeros: no memsets
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dht, _dckpt):
@@ -190,6 +193,10 @@ def _backward_eager(ctx, do, dht, _dckpt):
 
 def _backward_with(bwd, ctx, do, dht):
     r, k, v, w, u, initial_state, ckpt = ctx.saved_tensors
+    if do is None and dht is None:
+        return (None,) * 9
+    if do is None:
+        do = torch.zeros(v.shape, dtype=ctx.out_dtype, device=v.device)  # o is (B, T, H, V)
     dr, dk, dv, dw, du, dh0 = bwd(do, dht, r, k, v, w, u, ctx.scale, initial_state, ckpt, ctx.chunk)
     return dr, dk, dv, dw, du, None, (dh0 if initial_state is not None else None), None, None
 

@@ -186,7 +186,10 @@ def _(do, dht, r, w, k, v, a, b, scale, initial_state, ckpt, chunk):
 def _setup_context(ctx, inputs, output):
     r, w, k, v, a, b, scale, initial_state, store_ckpt, chunk = inputs
     ctx.save_for_backward(r, w, k, v, a, b, initial_state, output[2])
-    ctx.scale, ctx.chunk = scale, chunk
+    ctx.scale, ctx.chunk, ctx.out_dtype = scale, chunk, output[0].dtype
+    # unused outputs (the final state, the checkpoints) get None, not zeros: no memsets
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, dht, _dckpt):
@@ -199,6 +202,10 @@ def _backward_eager(ctx, do, dht, _dckpt):
 
 def _backward_with(bwd, ctx, do, dht):
     r, w, k, v, a, b, initial_state, ckpt = ctx.saved_tensors
+    if do is None and dht is None:
+        return (None,) * 10
+    if do is None:
+        do = torch.zeros(v.shape, dtype=ctx.out_dtype, device=v.device)  # o is (B, T, H, V)
     dr, dw, dk, dv, da, db, dh0 = bwd(
         do, dht, r, w, k, v, a, b, ctx.scale, initial_state, ckpt, ctx.chunk
     )
