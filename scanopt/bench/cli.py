@@ -32,9 +32,10 @@ float64 reference, and print tables: ms (median, p20-p80), TFLOP/s or GB/s, % of
 measured ceiling, the verified error and the speedup against every other provider. Rows that
 fail verification are printed as FAILED and never compared.
 
-Ops: attention, selective_scan, ssd, state_update, wkv4, wkv6, wkv7 (default: all). Default
-shapes mirror ANCHORS.md: batch 4, d_model 2048, L = 1024..16384 (--quick: 1024 and 4096),
-bf16. The decode step (state_update) sweeps the batch (1..64) instead of L.
+Ops: attention (causal, 16 heads x 128), attention_nc (non-causal), attention_h32 and
+attention_h32_nc (32 heads x 64), selective_scan, ssd, state_update, wkv4, wkv6, wkv7 (default:
+all). Default shapes mirror ANCHORS.md: batch 4, d_model 2048, L = 1024..16384 (--quick: 1024
+and 4096), bf16. The decode step (state_update) sweeps the batch (1..64) instead of L.
 """
 
 

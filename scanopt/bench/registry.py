@@ -38,6 +38,9 @@ DTYPE_ALIASES = {
 #: op name -> module defining ``SUITE``
 SUITES: dict[str, str] = {
     "attention": "scanopt.bench.suites.attention",
+    "attention_nc": "scanopt.bench.suites.attention",
+    "attention_h32": "scanopt.bench.suites.attention",
+    "attention_h32_nc": "scanopt.bench.suites.attention",
     "selective_scan": "scanopt.bench.suites.mamba",
     "ssd": "scanopt.bench.suites.mamba",
     "state_update": "scanopt.bench.suites.mamba",

@@ -27,6 +27,9 @@ from scanopt.bench.results import FAILED, SELF, SKIPPED, Row, gpu_slug, parse_sh
 #: display order and titles (the report does not import the suites: they need torch)
 OP_TITLES = {
     "attention": "Attention (causal, 16 heads x 128)",
+    "attention_nc": "Attention (non-causal, 16 heads x 128)",
+    "attention_h32": "Attention (causal, 32 heads x 64)",
+    "attention_h32_nc": "Attention (non-causal, 32 heads x 64)",
     "selective_scan": "Mamba-1 selective scan (dim 2048, dstate 16)",
     "ssd": "Mamba-2 SSD (64 heads x 64, dstate 128)",
     "state_update": "Mamba-1 decode step (dim 2048, dstate 16)",

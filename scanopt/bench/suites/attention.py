@@ -103,7 +103,12 @@ class AttentionSuite(Suite):
     reference_order = ("torch64", "numpy", "trusted")
     fixed = {"B": 4, "H": 16, "D": 128, "causal": True}
 
-    def __init__(self) -> None:
+    def __init__(
+        self, name: str = "attention", heads: int = 16, head_dim: int = 128, causal: bool = True
+    ) -> None:
+        self.name = name
+        self.title = f"{'causal' if causal else 'non-causal'} attention, {heads} heads x {head_dim}"
+        self.fixed = {"B": 4, "H": heads, "D": head_dim, "causal": causal}
         self._providers: list[Provider] | None = None
 
     def dims(self, value: int) -> tuple:
@@ -174,4 +179,10 @@ class AttentionSuite(Suite):
         return self._providers
 
 
-SUITES = {"attention": AttentionSuite()}
+#: the issue's four anchor shapes (d_model 2048): 16 x 128 and 32 x 64, causal and not
+SUITES = {
+    "attention": AttentionSuite(),
+    "attention_nc": AttentionSuite("attention_nc", causal=False),
+    "attention_h32": AttentionSuite("attention_h32", heads=32, head_dim=64),
+    "attention_h32_nc": AttentionSuite("attention_h32_nc", heads=32, head_dim=64, causal=False),
+}
