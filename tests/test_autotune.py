@@ -242,6 +242,30 @@ def test_constraints_read_the_device_budget():
         assert 0 < on_gpu < on_cpu, t.name
 
 
+def test_selective_scan_bwd_space_bounds_partial_sum_memory(monkeypatch):
+    """The fastest backward tiles (BLOCK_D 4, one warp) keep 8x the default's dB/dC partial
+    sums; at the anchor shape the space must exclude them and keep the default, while the
+    forward (no partial sums) keeps small tiles."""
+    h100 = DeviceProps("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 65536, 2048, True)
+    anchor = {"batch": 4, "dim": 2048, "L": 16384, "N": 16}
+    bwd = spaces.get_tunable("selective_scan", "bwd")
+    points = bwd.space(anchor, "bfloat16", h100).valid_points(anchor, h100, limit=2_000_000)
+    block_ds = {c["BLOCK_D"] for c in points}
+    assert block_ds and min(block_ds) == 32, block_ds
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU heuristic, not the interpreter's
+    default = bwd.default(anchor, "bfloat16", h100)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert default["BLOCK_D"] == 32
+    assert any(all(c[k] == default[k] for k in c) for c in points), default
+    # few state columns: the partial sums are small next to du/ddelta/dz, small tiles allowed
+    narrow = {**anchor, "N": 4}
+    pts = bwd.space(narrow, "bfloat16", h100).valid_points(narrow, h100, limit=2_000_000)
+    assert min(c["BLOCK_D"] for c in pts) == 8
+    fwd = spaces.get_tunable("selective_scan", "fwd")
+    pts = fwd.space(anchor, "bfloat16", h100).valid_points(anchor, h100, limit=2_000_000)
+    assert min(c["BLOCK_D"] for c in pts) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # the store
 

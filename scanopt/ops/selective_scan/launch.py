@@ -96,7 +96,8 @@ def default_config(
     # backward: 4 warps rather than 8 measured 1.12x faster (H100, anchor shape, L = 4096, fwd
     # with checkpoints + bwd: 5.65 vs 6.32 ms; bench/notes/selective_scan.md). One-warp
     # programs of 4 channels were faster still (4.60 ms) but multiply the variable-B/C partial
-    # sums eightfold (4.3 GB at L = 16k), so they are left to the tuner.
+    # sums eightfold (4.3 GB at L = 16k); the tuner's memory rule excludes them too
+    # (scanopt.autotune.spaces._scan_bwd_scratch_ok).
     return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "PREFETCH": 0, "num_warps": 4,
             "num_stages": 1}  # fmt: skip
 
