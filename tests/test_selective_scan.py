@@ -112,9 +112,10 @@ def _launch_grads(x, fwd_cfg, chunk, bwd_cfg=None):
         # one group per chunk
         ({"BLOCK_G": 1, "BLOCK_R": 16, "BLOCK_D": 8}, 16, {"BLOCK_D": 1}, 75),
         ({"BLOCK_G": 8, "BLOCK_R": 2, "BLOCK_D": 4}, 16, {"BLOCK_G": 4, "BLOCK_D": 8}, 75),
-        # the GPU defaults (8 groups of 16 steps), three chunks
+        # the GPU defaults (8 groups of 16 steps, two columns in flight, loads one column
+        # ahead), three chunks
         (
-            {"BLOCK_G": 8, "BLOCK_R": 16, "BLOCK_D": 4, "num_warps": 1},
+            {"BLOCK_G": 8, "BLOCK_R": 16, "BLOCK_D": 4, "COLS": 2, "PREFETCH": 1, "num_warps": 1},
             128,
             {"BLOCK_R": 16, "BLOCK_D": 32, "num_warps": 4},
             300,
