@@ -56,3 +56,35 @@ def force_rwkv_mode(monkeypatch):
         monkeypatch.setattr(_rwkv_common, "default_config", forced)
 
     return force
+
+
+@pytest.fixture
+def unused_outputs_get_no_cotangent():
+    """``check(outputs_fn, used, leaves, name)``: an op's outputs ``outputs_fn()`` (a list), a
+    loss through the outputs flagged in ``used`` only. Unused outputs reach the op's backward as
+    ``None`` (no materialized zeros); the gradients must equal those of the same backward given
+    explicit zero cotangents for them (the materialized path, covered by every other test)."""
+
+    def check(outputs_fn, used, leaves, name):
+        outs = outputs_fn()
+        g = torch.Generator().manual_seed(0)
+        cots = [torch.randn(o.shape, generator=g).to(o) for o in outs]
+        for t in leaves:
+            t.grad = None
+        loss = sum((o * c).sum() for o, c, u in zip(outs, cots, used, strict=True) if u)
+        loss.backward()
+        got = [t.grad for t in leaves]
+        for t in leaves:
+            t.grad = None
+        outs = outputs_fn()
+        explicit = [c if u else torch.zeros_like(c) for c, u in zip(cots, used, strict=True)]
+        torch.autograd.backward(outs, explicit)
+        want = [t.grad for t in leaves]
+        # some leaves do not reach some outputs (r never reaches the final state), but the
+        # check must not be vacuous
+        assert any(b is not None and b.abs().max() > 0 for b in want), f"{name}: all zero"
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert a is not None and b is not None, f"{name}: leaf {i} got no gradient"
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: leaf {i}")
+
+    return check

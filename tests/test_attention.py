@@ -216,6 +216,18 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("used", [(1, 0), (0, 1)])
+def test_unused_outputs(device, used, unused_outputs_get_no_cotangent):
+    g = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(1, 19, 2, 16, generator=g).to(device).requires_grad_() for _ in range(3)]
+
+    def outputs():
+        out, lse, _ = op.flash_attn_func(*leaves, causal=True, return_attn_probs=True)
+        return [out, lse]
+
+    unused_outputs_get_no_cotangent(outputs, used, leaves, f"attention {used}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 def test_torch_backend(dtype, device, monkeypatch):
     """SCANOPT_BACKEND=torch runs the PyTorch path; it must meet the per-dtype budget too."""

@@ -187,6 +187,18 @@ def test_wkv4_torch_backend(device, monkeypatch):
     op.check_case(x, "torch backend").assert_ok()
 
 
+@pytest.mark.parametrize("used", [(1, 0, 0, 0), (0, 1, 1, 1), (0, 0, 0, 1)])
+def test_wkv4_unused_outputs(device, used, unused_outputs_get_no_cotangent):
+    x = op.make_inputs(2, 37, 9, device=device, seed=7)
+    leaves = [x[n].detach().requires_grad_() for n in ("time_decay", "time_first", "key", "value")]
+
+    def outputs():
+        out, state = op.wkv4(*leaves, return_state=True)
+        return [out, *state]
+
+    unused_outputs_get_no_cotangent(outputs, used, leaves, f"wkv4 {used}")
+
+
 def test_wkv4_bad_inputs():
     x = op.make_inputs(2, 5, 4, seed=0)
     td, tf, k, v = (x[n] for n in ("time_decay", "time_first", "key", "value"))

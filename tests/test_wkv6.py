@@ -282,6 +282,17 @@ def test_wkv6_outputs_are_fully_written(device, mode):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("used", [(1, 0), (0, 1)])
+def test_wkv6_unused_outputs(device, used, unused_outputs_get_no_cotangent):
+    x = op.make_inputs(1, 21, 2, 16, device=device, decay="mixed", seed=8)
+    leaves = [x[n].detach().requires_grad_() for n in ("r", "k", "v", "w", "u")]
+
+    def outputs():
+        return list(op.wkv6(*leaves, output_final_state=True))
+
+    unused_outputs_get_no_cotangent(outputs, used, leaves, f"wkv6 {used}")
+
+
 def test_wkv6_bad_inputs():
     x = op.make_inputs(1, 4, 2, 16)
     r, k, v, w, u = (x[n] for n in NAMES)

@@ -247,6 +247,17 @@ def test_wkv7_outputs_are_fully_written(device, mode):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("used", [(1, 0), (0, 1)])
+def test_wkv7_unused_outputs(device, used, unused_outputs_get_no_cotangent):
+    x = op.make_inputs(1, 21, 2, 16, device=device, decay="mixed", seed=8)
+    leaves = [x[n].detach().requires_grad_() for n in ("r", "w", "k", "v", "a", "b")]
+
+    def outputs():
+        return list(op.wkv7(*leaves, output_final_state=True))
+
+    unused_outputs_get_no_cotangent(outputs, used, leaves, f"wkv7 {used}")
+
+
 def test_wkv7_bad_inputs():
     x = op.make_inputs(1, 4, 2, 16)
     r, w, k, v, a, b = (x[n] for n in ("r", "w", "k", "v", "a", "b"))
