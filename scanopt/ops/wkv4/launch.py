@@ -25,14 +25,13 @@ from scanopt.ops.wkv4.kernels import (
     wkv4_fwd_summary_kernel,
 )
 
-__all__ = ["CONFIG_KEYS", "EMPTY_MAX", "default_config", "resolve_config", "wkv4_fwd", "wkv4_bwd"]
+__all__ = ["CONFIG_KEYS", "default_config", "resolve_config", "wkv4_fwd", "wkv4_bwd"]
 
-#: transformers' running max of an empty state (num = den = 0)
-EMPTY_MAX = -1e38
+# The kernels hold the two WKV-4 constants: transformers' empty-state max -1e38
+# (``_initial_state``) and the per-step log decay's clamp -1e30 (``_decay``).
+
 #: channels per program of the kernel that sums the decay / bonus gradients over (batch, chunk)
 _PARAM_BLOCK_C = 128
-#: the per-step log decay is clamped here (exp(time_decay) overflows fp32 above ~88)
-MIN_W = -1e30
 
 #: every key of a launch config, per direction (the tuner's search space)
 CONFIG_KEYS = {
