@@ -153,6 +153,8 @@ def main() -> None:
         torch.cuda.synchronize()
         print("# host functions, own time over 20 calls")
         pstats.Stats(pr).sort_stats("tottime").print_stats(a.cprofile)
+        print("# host functions, cumulative time over 20 calls")
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(a.cprofile)
 
 
 if __name__ == "__main__":
