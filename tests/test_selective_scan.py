@@ -518,6 +518,24 @@ def test_state_update_batch_indices(device):
     assert torch.equal(pool[[0, 2, 3]], untouched)
 
 
+def test_state_update_batch_first_grid_agrees(device, monkeypatch):
+    """The decode kernel's batch-first grid (taken for a batch above the grid's y/z limit)
+    gives the same bits as the default dim-first launch, and the reference's values."""
+    from scanopt.ops.selective_scan import launch as scan_launch
+
+    x = op.make_update_inputs(3, 2, 37, 16, ngroups=1, device=device, seed=11)
+    kw = {n: x[n] for n in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")}
+    state0 = x["state"].clone()
+    state_default = state0.clone()
+    out_default = scanopt.selective_state_update(state_default, **kw, dt_softplus=True)
+    monkeypatch.setattr(scan_launch, "_GRID_YZ_MAX", 1)
+    state_other = state0.clone()
+    out_other = scanopt.selective_state_update(state_other, **kw, dt_softplus=True)
+    assert torch.equal(out_other, out_default)
+    assert torch.equal(state_other, state_default)
+    op.check_update_case(x, "other-launch").assert_ok()
+
+
 @pytest.mark.parametrize(
     "over,match",
     [

@@ -752,15 +752,24 @@ def selective_state_update_kernel(
     HAS_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DIM_FIRST: tl.constexpr,
 ):
     """One decode step: state = state * exp(dt A) + dt x B; out = (state . C + D x) * silu(z).
 
-    Grid: (batch, nheads, cdiv(dim, BLOCK_D)). The state is read in its dtype, updated in fp32
-    and written back in place; a negative ``state_batch_indices`` entry skips the row (out = 0).
+    Grid: (cdiv(dim, BLOCK_D), nheads, batch) with ``DIM_FIRST`` (mamba_ssm's order: programs
+    launched one after another touch consecutive state rows), else (batch, nheads, cdiv(dim,
+    BLOCK_D)) for a batch above the 65535 a grid's z axis allows. The state is read in its dtype,
+    updated in fp32 and written back in place; a negative ``state_batch_indices`` entry skips the
+    row (out = 0).
     """
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
-    pid_d = tl.program_id(2).to(tl.int64)
+    if DIM_FIRST:
+        pid_d = tl.program_id(0).to(tl.int64)
+        pid_h = tl.program_id(1).to(tl.int64)
+        pid_b = tl.program_id(2).to(tl.int64)
+    else:
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_h = tl.program_id(1).to(tl.int64)
+        pid_d = tl.program_id(2).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     mask_d = offs_d < dim

@@ -21,6 +21,9 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "update": ("BLOCK_D", "num_warps"),
 }
 
+#: largest CUDA grid size along y and z
+_GRID_YZ_MAX = 65535
+
 #: largest state size the kernels take (mamba_ssm's MAX_DSTATE)
 MAX_DSTATE = 256
 
@@ -374,7 +377,8 @@ def selective_state_update(
     cfg = resolve_config("update", config, dim=dim, N=N, dtype=x.dtype)
     BD = min(cfg["BLOCK_D"], next_pow2(dim))
     out = empty((batch, nheads, dim), x.dtype, x.device)
-    grid = (batch, nheads, cdiv(dim, BD))
+    dim_first = batch <= _GRID_YZ_MAX
+    grid = (cdiv(dim, BD), nheads, batch) if dim_first else (batch, nheads, cdiv(dim, BD))
     selective_state_update_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
         nheads, dim, N, nheads // B.shape[1],
@@ -382,6 +386,7 @@ def selective_state_update(
         *_opt_strides(D, 2), *_opt_strides(z, 3), *_opt_strides(dt_bias, 2), *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_IDX=state_batch_indices is not None,
-        BLOCK_D=BD, BLOCK_N=next_pow2(N), num_warps=cfg["num_warps"],
+        BLOCK_D=BD, BLOCK_N=next_pow2(N), DIM_FIRST=dim_first,
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out
