@@ -4,6 +4,8 @@ reference with the verify rule, for every B/C layout and option; launch configs;
 backend; errors; opcheck and torch.compile. CPU tests run the Triton kernels through the
 interpreter (fp32 and fp16; bf16 only on the GPU)."""
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -417,6 +419,37 @@ class _MambaBlock(torch.nn.Module):
             return_last_state=True,
         )  # fmt: skip
         return self.out_proj(y.transpose(1, 2)), last
+
+
+def test_eager_calls_skip_the_dispatcher_and_match_the_custom_op(device):
+    """In eager mode selective_scan_fn runs the custom op's implementation through a plain
+    autograd.Function (no dispatcher: host time), also when some inputs are nn.Parameters,
+    with the custom op's results and gradients."""
+    torch.manual_seed(0)
+    block = _MambaBlock()
+    h = torch.randn(2, 9, 8)
+
+    def run(use_op):
+        block.zero_grad()
+        if use_op:  # what tracing sees: force the custom op
+            with mock.patch("scanopt.ops.selective_scan.op.eager", lambda *a: False):
+                y, last = block(h)
+        else:
+            y, last = block(h)
+            # D and dt_bias are nn.Parameters, as in a real Mamba block: still the bypass
+            assert type(last.grad_fn).__name__ == "_ScanFunctionBackward"
+        (y.square().sum() + last.sum()).backward()
+        return y, last, [p.grad.clone() for p in block.parameters()]
+
+    x = op.make_inputs(1, 5, 7, 3, device=device)
+    leaves = {n: x[n].detach().requires_grad_() for n in ("u", "delta", "A", "B", "C")}
+    out = scanopt.selective_scan_fn(*leaves.values())
+    assert type(out.grad_fn).__name__ == "_ScanFunctionBackward"
+    y_eager, last_eager, g_eager = run(False)
+    y_op, last_op, g_op = run(True)
+    assert torch.equal(y_eager, y_op) and torch.equal(last_eager, last_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
 
 
 def test_torch_compile_fullgraph_mamba_block(monkeypatch, tmp_path):

@@ -17,14 +17,18 @@ from typing import Any
 
 import torch
 
+#: tensor types the bypass takes: plain tensors and model parameters (``nn.Parameter`` only
+#: disables ``__torch_function__``; D, dt_bias, time_decay, ... are parameters in real models)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 def eager(*args: Any) -> bool:
     """True when the custom-op dispatch may be bypassed: not tracing (``torch.compile``,
     ``make_fx``, ``opcheck``: no dispatch mode active) and every tensor argument a plain
-    ``torch.Tensor`` (no FakeTensor, FunctionalTensor or other subclass)."""
+    ``torch.Tensor`` or ``nn.Parameter`` (no FakeTensor, FunctionalTensor or other subclass)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False
-    return all(type(a) is torch.Tensor for a in args if isinstance(a, torch.Tensor))
+    return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
 
 def make_function(

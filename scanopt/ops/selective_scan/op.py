@@ -18,6 +18,7 @@ from torch import Tensor
 
 from scanopt._env import backend_for
 from scanopt._tensor import FLOAT_DTYPES, check_tensor
+from scanopt.ops._eager import apply, eager, make_function
 from scanopt.ops.selective_scan.launch import MAX_DSTATE, cdiv, checkpoint_chunk
 
 __all__ = ["selective_scan_fn", "selective_state_update", "self_check"]
@@ -176,8 +177,7 @@ def _torch_scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, 
 # torch.library ops
 
 
-@torch.library.custom_op("scanopt::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(
+def _scan_fwd_impl(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -200,6 +200,11 @@ def _scan_fwd_op(
     return _torch_scan_fwd(*args)
 
 
+_scan_fwd_op = torch.library.custom_op("scanopt::selective_scan_fwd", mutates_args=())(
+    _scan_fwd_impl
+)
+
+
 @_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, store_ckpt):
     batch, dim, L = u.shape
@@ -215,8 +220,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
 _GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
-@torch.library.custom_op("scanopt::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(
+def _scan_bwd_impl(
     dout: Tensor,
     dlast: Tensor | None,
     u: Tensor,
@@ -247,6 +251,11 @@ def _scan_bwd_op(
     )
 
 
+_scan_bwd_op = torch.library.custom_op("scanopt::selective_scan_bwd", mutates_args=())(
+    _scan_bwd_impl
+)
+
+
 @_scan_bwd_op.register_fake
 def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, softplus, chunk):
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -268,18 +277,23 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlast, _dckpt):
+    ops = torch.ops.scanopt
+    return _backward_with(ops.selective_scan_fwd, ops.selective_scan_bwd, ctx, dout, dlast)
+
+
+def _backward_eager(ctx, dout, dlast, _dckpt):
+    return _backward_with(_scan_fwd_impl, _scan_bwd_impl, ctx, dout, dlast)
+
+
+def _backward_with(fwd, bwd, ctx, dout, dlast):
     u, delta, A, B, C, D, z, delta_bias, h0, ckpt = ctx.saved_tensors
     if dout is None and dlast is None:
         return (None,) * 12
     if dout is None:
         dout = torch.zeros_like(u)
     if ckpt.shape[1] == 0:  # the forward ran without checkpoints: recompute them
-        ckpt = torch.ops.scanopt.selective_scan_fwd(
-            u, delta, A, B, C, D, z, delta_bias, h0, ctx.softplus, ctx.chunk, True
-        )[2]
-    grads = torch.ops.scanopt.selective_scan_bwd(
-        dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, ctx.softplus, ctx.chunk
-    )
+        ckpt = fwd(u, delta, A, B, C, D, z, delta_bias, h0, ctx.softplus, ctx.chunk, True)[2]
+    grads = bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, ctx.softplus, ctx.chunk)
     inputs = (u, delta, A, B, C, D, z, delta_bias, h0)
     out = tuple(
         g if x is not None and need else None
@@ -289,6 +303,8 @@ def _backward(ctx, dout, dlast, _dckpt):
 
 
 _scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+#: the same forward/backward without the dispatcher, for eager calls (``scanopt.ops._eager``)
+_ScanFunction = make_function("_ScanFunction", _scan_fwd_impl, _setup_context, _backward_eager)
 
 
 def _torch_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx):
@@ -438,10 +454,12 @@ def selective_scan_fn(
     chunk = checkpoint_chunk(
         batch=batch, dim=dim, N=A.shape[1], L=L, dtype=u.dtype, device=u.device
     )
-    out, last, _ = torch.ops.scanopt.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk,
-        store_ckpt,
-    )  # fmt: skip
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk,
+            store_ckpt)  # fmt: skip
+    if eager(*args):
+        out, last, _ = apply(_ScanFunction, _scan_fwd_impl, *args)
+    else:
+        out, last, _ = torch.ops.scanopt.selective_scan_fwd(*args)
     return (out, last) if return_last_state else out
 
 
