@@ -8,8 +8,9 @@ no-op, so only the host path is timed. Outputs are therefore garbage; nothing is
     PYTHONPATH=$PWD python bench/host_overhead.py [--ops attention,wkv4] [--reps 300]
 
 Prints, per op, the median of ``--reps`` calls (after warmup) of the forward and of
-forward+backward in microseconds. Tiny shapes keep CPU tensor work (allocation, the few torch
-ops the launchers do) negligible; on a GPU the same path also pays CUDA allocator/launch costs.
+forward+backward in microseconds, and the number of Triton launches each issues (not timed).
+Tiny shapes keep CPU tensor work (allocation, the few torch ops the launchers do) negligible;
+on a GPU the same path also pays CUDA allocator/launch costs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ import importlib  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+#: launches issued through the stubs (counted, not run)
+LAUNCHES = [0]
+
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: ``stub[grid](*args, **kw)`` does nothing."""
+    """Stands in for a Triton kernel: ``stub[grid](*args, **kw)`` does nothing (but counts)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -40,7 +44,15 @@ class _NoLaunch:
 
 
 def _noop(*args, **kwargs) -> None:
+    LAUNCHES[0] += 1
     return None
+
+
+def _launches(fn) -> int:
+    """Triton launches one call of ``fn`` issues."""
+    before = LAUNCHES[0]
+    fn()
+    return LAUNCHES[0] - before
 
 
 def stub_kernels() -> int:
@@ -121,7 +133,8 @@ def measure(op: str, reps: int, warmup: int) -> tuple[float, float]:
         for t in leaves:
             t.grad = None
 
-    return _time(fwd_only, reps, warmup), _time(fwd_bwd, reps, warmup)
+    times = _time(fwd_only, reps, warmup), _time(fwd_bwd, reps, warmup)
+    return (*times, _launches(fwd_only), _launches(fwd_bwd))
 
 
 def main() -> None:
@@ -133,10 +146,12 @@ def main() -> None:
     torch.set_num_threads(1)
     n = stub_kernels()
     print(f"stubbed {n} kernel objects; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"{'op':16s} {'fwd us':>9s} {'fwd+bwd us':>11s}")
+    print(f"{'op':16s} {'fwd us':>9s} {'fwd+bwd us':>11s} {'launches fwd / fwd+bwd':>24s}")
     for op in a.ops.split(","):
-        f, fb = measure(op, a.reps, a.warmup)
-        print(f"{op:16s} {f:9.1f} {fb:11.1f}")
+        f, fb, nf, nfb = measure(op, a.reps, a.warmup)
+        print(f"{op:16s} {f:9.1f} {fb:11.1f} {nf:>13d} / {nfb}")
+    print("(each launch adds Triton's run() and the driver call, which the stubs skip: ~4-8 us of")
+    print(" run() per launch on the dev box's CPU before the driver, bench/notes/wkv4.md)")
 
 
 import scanopt  # noqa: E402
