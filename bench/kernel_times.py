@@ -31,11 +31,11 @@ def _wkv_call(op_name: str, L: int, mode: str | None):
     x = mod.make_inputs(4, L, 32, 64, dtype=torch.bfloat16, w_dtype=torch.bfloat16, device="cuda")
     names = ("r", "w", "k", "v", "a", "b") if op_name == "wkv7" else ("r", "k", "v", "w", "u")
     fn = getattr(mod, op_name)
-    ctx = forced_mode(op_name, mode) if mode else contextlib.nullcontext()
 
     def call():
         leaves = [x[n].detach().requires_grad_(True) for n in names]
-        with ctx:
+        # a fresh context per call: forced_mode is a generator context manager (single use)
+        with forced_mode(op_name, mode) if mode else contextlib.nullcontext():
             o, _ = fn(*leaves)
             o.backward(x["do"])
 
