@@ -288,8 +288,15 @@ def test_lookup_order_user_shipped_nearest_default(cache, shipped):
     # bucket 2048: no exact entry; 1024 (user) and 8192 (shipped) are 1 and 2 octaves away
     assert _resolve({"n": 2000}) == a
     assert store.lookup("toy", "fwd", "float32", {"n": 2000}, "cpu")[0] == "user-nearest"
-    # bucket 65536: 8192 (shipped) is nearer than 1024 (user)
-    assert _resolve({"n": 60000}) == c
+    # bucket 16384: 8192 (shipped) is nearer than 1024 (user)
+    assert _resolve({"n": 16000}) == c
+    assert store.lookup("toy", "fwd", "float32", {"n": 16000}, "cpu")[0] == "shipped-nearest"
+    # bucket 4096: 1024 (user, ranked first) is two octaves away, beyond the limit; 8192
+    # (shipped) is one: the shipped entry wins
+    assert _resolve({"n": 4000}) == c
+    # bucket 65536: 8192 is three octaves away, beyond MAX_NEAREST_DISTANCE: the default
+    assert _resolve({"n": 60000}) == DEFAULT
+    assert store.lookup("toy", "fwd", "float32", {"n": 60000}, "cpu") == ("default", None)
     # another dtype, direction or op: the heuristic default
     assert (
         store.resolve_config("toy", "fwd", "float16", {"n": 900}, DEFAULT, device="cpu") == DEFAULT
@@ -316,7 +323,8 @@ def test_nearest_bucket_must_match_exact_dims_and_gpu(cache):
     )
     # D bucket differs (128 vs 64): not a neighbour; other GPUs never match
     assert _resolve({"L": 4096, "D": 128}) == DEFAULT
-    assert _resolve({"L": 4000, "D": 40}) == cfg  # D 40 -> bucket 64, L nearest
+    assert _resolve({"L": 2000, "D": 40}) == cfg  # D 40 -> bucket 64, L nearest
+    assert _resolve({"L": 4000, "D": 40}) == DEFAULT  # L two octaves away: too far
 
 
 def test_other_triton_version_is_ignored_with_one_log_line(cache, caplog):

@@ -7,7 +7,8 @@ Launchers take a ``config`` dict of every tunable (block sizes, warps, stages); 
 Run time (the hot path; never imports optuna)
     ``resolve_config(op, direction, dtype, shape, default, device=...)`` returns
     ``{**default, **tuned}`` from the user store (``$SCANOPT_CACHE_DIR/configs``), else the
-    configs shipped in ``scanopt/configs/<GPU_SLUG>/``, else the nearest shape bucket, else
+    configs shipped in ``scanopt/configs/<GPU_SLUG>/``, else the nearest shape bucket (at most one
+    octave away in one size), else
     ``default``. Keyed by GPU (name, capability, SM count), Triton version, op, direction,
     dtype and shape bucket (every size rounded up to a power of two). Cached per argument
     tuple, so after the first call it is a dict access. See ``scanopt.autotune.store``.

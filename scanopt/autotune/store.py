@@ -20,7 +20,8 @@ and holds ``config`` (the tuned parameters only; the launcher's default fills th
 
 Lookup order (``resolve_config``): exact bucket in the user store, then in the shipped store,
 then the nearest bucket (user before shipped; distance = sum of |log2| differences over the
-non-exact dims), then the launcher's heuristic default. The first call for a given (op,
+non-exact dims, at most ``MAX_NEAREST_DISTANCE``: one octave), then the launcher's heuristic
+default. The first call for a given (op,
 direction, dtype, shape, device) reads the files; later calls are one dict access.
 Never imports optuna.
 """
@@ -341,6 +342,12 @@ def _distance(a: Mapping[str, int], b: Mapping[str, int]) -> float:
     return sum(abs(math.log2(max(a[k], 1)) - math.log2(max(b[k], 1))) for k in a)
 
 
+#: the farthest a nearest-bucket entry may be (sum of |log2| differences): one octave in one
+#: dim. An attention forward tuned at L = 1k made L = 4k 12-15% slower when it stood in for a
+#: missing 4k entry (H100, 2026-12-07); tiles that win on short sequences lose on long ones.
+MAX_NEAREST_DISTANCE = 1.0
+
+
 def lookup(
     op: str, direction: str, dtype: Any, shape: Mapping[str, int], device: Any = None
 ) -> tuple[str, dict[str, Any] | None]:
@@ -368,6 +375,8 @@ def lookup(
             if set(have) != set(want) or any(have[k] != want[k] for k in exact):
                 continue
             cand = (_distance(have, want), rank, json.dumps(have, sort_keys=True), e)
+            if cand[0] > MAX_NEAREST_DISTANCE:
+                continue
             if best is None or cand[:3] < best[:3]:
                 best = cand
     if best is not None:
