@@ -24,13 +24,24 @@ from collections import defaultdict
 import torch
 
 
-def _wkv_call(op_name: str, L: int, mode: str | None):
+def _fla_fn(op_name: str):
+    """flash-linear-attention's chunked kernel with scanopt's argument order and scale 1."""
+    if op_name == "wkv6":
+        from fla.ops.rwkv6 import chunk_rwkv6
+
+        return lambda r, k, v, w, u: chunk_rwkv6(r, k, v, w, u, scale=1.0)
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    return lambda r, w, k, v, a, b: chunk_rwkv7(r, w, k, v, a, b, scale=1.0)
+
+
+def _wkv_call(op_name: str, L: int, mode: str | None, impl: str = "scanopt"):
     from scanopt.ops._rwkv_common import forced_mode
 
     mod = __import__(f"scanopt.ops.{op_name}.op", fromlist=["make_inputs"])
     x = mod.make_inputs(4, L, 32, 64, dtype=torch.bfloat16, w_dtype=torch.bfloat16, device="cuda")
     names = ("r", "w", "k", "v", "a", "b") if op_name == "wkv7" else ("r", "k", "v", "w", "u")
-    fn = getattr(mod, op_name)
+    fn = getattr(mod, op_name) if impl == "scanopt" else _fla_fn(op_name)
 
     def call():
         leaves = [x[n].detach().requires_grad_(True) for n in names]
@@ -107,13 +118,22 @@ def main() -> None:
     )
     ap.add_argument("--L", type=int, default=4096)
     ap.add_argument("--mode", choices=("recurrent", "chunked", "tc"), help="WKV-6/7 only")
+    ap.add_argument(
+        "--impl",
+        choices=("scanopt", "fla"),
+        default="scanopt",
+        help="WKV-6/7: time flash-linear-attention's chunk_rwkv6/7 instead (per-kernel budgets "
+        "for scanopt's kernels; its first call autotunes, which is not timed)",
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="top-N host functions")
     a = ap.parse_args()
-    if a.mode and a.op not in ("wkv6", "wkv7"):
-        ap.error("--mode applies to wkv6/wkv7 only")
+    if (a.mode or a.impl != "scanopt") and a.op not in ("wkv6", "wkv7"):
+        ap.error("--mode and --impl apply to wkv6/wkv7 only")
+    if a.mode and a.impl != "scanopt":
+        ap.error("--mode is a scanopt option")
     makers = {"selective_scan": _scan_call, "wkv4": _wkv4_call, "attention": _attention_call}
-    call = makers[a.op](a.L) if a.op in makers else _wkv_call(a.op, a.L, a.mode)
+    call = makers[a.op](a.L) if a.op in makers else _wkv_call(a.op, a.L, a.mode, a.impl)
     call()  # compile
     call()
     host = _host_time(call)
@@ -136,7 +156,8 @@ def main() -> None:
             per[ev.name][0] += ev.device_time / 1e3 / a.reps  # us -> ms per call
             per[ev.name][1] += 1
     total = sum(t for t, _ in per.values())
-    print(f"# {torch.cuda.get_device_name()} {a.op} L={a.L} mode={a.mode or 'default'}: "
+    print(f"# {torch.cuda.get_device_name()} {a.op} L={a.L} impl={a.impl} "
+          f"mode={a.mode or 'default'}: "
           f"kernels {total:.3f} ms per fwd+bwd, CUDA-event wall {wall:.3f} ms, "
           f"host {host:.3f} ms per call")  # fmt: skip
     for name, (t, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
