@@ -525,7 +525,12 @@ def test_state_update_in_place_and_tied_heads(device):
     np.testing.assert_allclose(to_numpy(out), ref_out, rtol=1e-5, atol=1e-5)
 
 
-def test_state_update_batch_indices(device):
+@pytest.mark.parametrize("wide", [False, True])
+def test_state_update_batch_indices(device, monkeypatch, wide):
+    if wide:  # the 64-bit offset path (a tensor spanning 2^31 elements)
+        from scanopt.ops.selective_scan import launch as scan_launch
+
+        monkeypatch.setattr(scan_launch, "_INT32_LIMIT", 1)
     x = op.make_update_inputs(3, None, 20, 8, device=device, seed=7)
     pool = torch.randn(5, 20, 8, device=device)
     idx = torch.tensor([4, -1, 1], device=device)
@@ -547,9 +552,11 @@ def test_state_update_batch_indices(device):
     assert torch.equal(pool[[0, 2, 3]], untouched)
 
 
-def test_state_update_batch_first_grid_agrees(device, monkeypatch):
-    """The decode kernel's batch-first grid (taken for a batch above the grid's y/z limit)
-    gives the same bits as the default dim-first launch, and the reference's values."""
+@pytest.mark.parametrize("knob", ["_GRID_YZ_MAX", "_INT32_LIMIT"])
+def test_state_update_other_launches_agree(device, monkeypatch, knob):
+    """The decode kernel's batch-first grid (taken for a batch above the grid's y/z limit) and
+    its 64-bit offsets (taken when a tensor spans 2^31 elements) give the same bits as the
+    default launch, and the reference's values."""
     from scanopt.ops.selective_scan import launch as scan_launch
 
     x = op.make_update_inputs(3, 2, 37, 16, ngroups=1, device=device, seed=11)
@@ -557,7 +564,7 @@ def test_state_update_batch_first_grid_agrees(device, monkeypatch):
     state0 = x["state"].clone()
     state_default = state0.clone()
     out_default = scanopt.selective_state_update(state_default, **kw, dt_softplus=True)
-    monkeypatch.setattr(scan_launch, "_GRID_YZ_MAX", 1)
+    monkeypatch.setattr(scan_launch, knob, 1)
     state_other = state0.clone()
     out_other = scanopt.selective_state_update(state_other, **kw, dt_softplus=True)
     assert torch.equal(out_other, out_default)

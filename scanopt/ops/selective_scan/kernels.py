@@ -753,6 +753,7 @@ def selective_state_update_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DIM_FIRST: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     """One decode step: state = state * exp(dt A) + dt x B; out = (state . C + D x) * silu(z).
 
@@ -760,16 +761,21 @@ def selective_state_update_kernel(
     launched one after another touch consecutive state rows), else (batch, nheads, cdiv(dim,
     BLOCK_D)) for a batch above the 65535 a grid's z axis allows. The state is read in its dtype,
     updated in fp32 and written back in place; a negative ``state_batch_indices`` entry skips the
-    row (out = 0).
+    row (out = 0). Offsets are 32-bit unless ``WIDE`` (some tensor spans 2^31 elements): 48 of
+    360 SASS instructions at the anchor shape were 64-bit index arithmetic (sm_90a).
     """
     if DIM_FIRST:
-        pid_d = tl.program_id(0).to(tl.int64)
-        pid_h = tl.program_id(1).to(tl.int64)
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_d = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        pid_b = tl.program_id(2)
     else:
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_h = tl.program_id(1).to(tl.int64)
-        pid_d = tl.program_id(2).to(tl.int64)
+        pid_b = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        pid_d = tl.program_id(2)
+    if WIDE:  # some tensor spans 2^31 elements or more: 64-bit offsets
+        pid_d = pid_d.to(tl.int64)
+        pid_h = pid_h.to(tl.int64)
+        pid_b = pid_b.to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     offs_n = tl.arange(0, BLOCK_N)  # [BN]
     mask_d = offs_d < dim
@@ -777,54 +783,59 @@ def selective_state_update_kernel(
     out_ptrs = out_ptr + pid_b * s_o_b + pid_h * s_o_h + offs_d * s_o_d
 
     if HAS_IDX:
-        st_b = tl.load(idx_ptr + pid_b).to(tl.int64)
+        # a negative state_batch_indices entry: leave that state row alone, out = 0 (masks, not
+        # a branch: without indices the kernel then has no dead skip path)
+        st_b = tl.load(idx_ptr + pid_b)
+        st_b = st_b.to(tl.int64) if WIDE else st_b.to(tl.int32)
+        live = st_b >= 0
+        st_b = tl.maximum(st_b, 0)
+        mask_st = mask_dn & live
     else:
         st_b = pid_b
-    if st_b < 0:
-        tl.store(out_ptrs, tl.zeros([BLOCK_D], dtype=tl.float32).to(out_ptr.dtype.element_ty),
-                 mask=mask_d)  # fmt: skip
-    else:
-        st_ptrs = (
-            state_ptr
-            + st_b * s_st_b
-            + pid_h * s_st_h
-            + offs_d[:, None] * s_st_d
-            + offs_n[None, :] * s_st_n
-        )  # [BD, BN]
-        state = tl.load(st_ptrs, mask=mask_dn, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + offs_d * s_x_d, mask=mask_d, other=0.0)
-        x = x.to(tl.float32)
-        dt = tl.load(
-            dt_ptr + pid_b * s_dt_b + pid_h * s_dt_h + offs_d * s_dt_d, mask=mask_d, other=0.0
+        mask_st = mask_dn
+    st_ptrs = (
+        state_ptr
+        + st_b * s_st_b
+        + pid_h * s_st_h
+        + offs_d[:, None] * s_st_d
+        + offs_n[None, :] * s_st_n
+    )  # [BD, BN]
+    state = tl.load(st_ptrs, mask=mask_st, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * s_x_b + pid_h * s_x_h + offs_d * s_x_d, mask=mask_d, other=0.0)
+    x = x.to(tl.float32)
+    dt = tl.load(
+        dt_ptr + pid_b * s_dt_b + pid_h * s_dt_h + offs_d * s_dt_d, mask=mask_d, other=0.0
+    ).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + pid_h * s_bias_h + offs_d * s_bias_d, mask=mask_d, other=0.0).to(
+            tl.float32
+        )
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(
+        A_ptr + pid_h * s_A_h + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n,
+        mask=mask_dn,
+        other=0.0,
+    ).to(tl.float32)  # [BD, BN]
+    grp = pid_h // heads_per_group
+    Bv = tl.load(
+        B_ptr + pid_b * s_B_b + grp * s_B_g + offs_n * s_B_n, mask=offs_n < N, other=0.0
+    ).to(tl.float32)  # [BN]
+    Cv = tl.load(
+        C_ptr + pid_b * s_C_b + grp * s_C_g + offs_n * s_C_n, mask=offs_n < N, other=0.0
+    ).to(tl.float32)
+    state = state * tl.exp2(A * LOG2E * dt[:, None]) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(st_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask_st)
+    out = tl.sum(state * Cv[None, :], axis=1)  # [BD]
+    if HAS_D:
+        out += x * tl.load(D_ptr + pid_h * s_D_h + offs_d * s_D_d, mask=mask_d, other=0.0).to(
+            tl.float32
+        )
+    if HAS_Z:
+        z = tl.load(
+            z_ptr + pid_b * s_z_b + pid_h * s_z_h + offs_d * s_z_d, mask=mask_d, other=0.0
         ).to(tl.float32)
-        if HAS_BIAS:
-            dt += tl.load(
-                bias_ptr + pid_h * s_bias_h + offs_d * s_bias_d, mask=mask_d, other=0.0
-            ).to(tl.float32)
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        A = tl.load(
-            A_ptr + pid_h * s_A_h + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n,
-            mask=mask_dn,
-            other=0.0,
-        ).to(tl.float32)  # [BD, BN]
-        grp = pid_h // heads_per_group
-        Bv = tl.load(
-            B_ptr + pid_b * s_B_b + grp * s_B_g + offs_n * s_B_n, mask=offs_n < N, other=0.0
-        ).to(tl.float32)  # [BN]
-        Cv = tl.load(
-            C_ptr + pid_b * s_C_b + grp * s_C_g + offs_n * s_C_n, mask=offs_n < N, other=0.0
-        ).to(tl.float32)
-        state = state * tl.exp2(A * LOG2E * dt[:, None]) + (dt * x)[:, None] * Bv[None, :]
-        tl.store(st_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask_dn)
-        out = tl.sum(state * Cv[None, :], axis=1)  # [BD]
-        if HAS_D:
-            out += x * tl.load(D_ptr + pid_h * s_D_h + offs_d * s_D_d, mask=mask_d, other=0.0).to(
-                tl.float32
-            )
-        if HAS_Z:
-            z = tl.load(
-                z_ptr + pid_b * s_z_b + pid_h * s_z_h + offs_d * s_z_d, mask=mask_d, other=0.0
-            ).to(tl.float32)
-            out = out * z * tl.sigmoid(z)
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+        out = out * z * tl.sigmoid(z)
+    if HAS_IDX:
+        out = tl.where(live, out, 0.0)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)

@@ -6,6 +6,8 @@ from :func:`default_config`, the heuristic the tuner starts from.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -351,6 +353,19 @@ def _reduce_bc(part: Tensor, M: Tensor, layout: tuple, batch: int) -> Tensor:
     return red.view(M.shape)
 
 
+#: element offsets at or above this need 64-bit index arithmetic in the decode-step kernel
+_INT32_LIMIT = 2**31
+
+
+def _wide(*tensors: Tensor | None) -> bool:
+    """True when some tensor's last element lies ``_INT32_LIMIT`` or more elements past its start
+    (``sum(size * stride)`` bounds it): its offsets would overflow 32-bit arithmetic."""
+    return any(
+        t is not None and sum(map(operator.mul, t.shape, t.stride())) >= _INT32_LIMIT
+        for t in tensors
+    )
+
+
 def selective_state_update(
     state: Tensor,
     x: Tensor,
@@ -387,6 +402,7 @@ def selective_state_update(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), HAS_IDX=state_batch_indices is not None,
         BLOCK_D=BD, BLOCK_N=next_pow2(N), DIM_FIRST=dim_first,
+        WIDE=_wide(state, x, dt, z, out),  # A, B, C, D, dt_bias: (heads, dim, N) at most
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out
