@@ -37,10 +37,11 @@ FWD_SWEEP = [
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
 BWD_SWEEP = [
-    (32, 8, 16, 8), (32, 8, 16, 4), (32, 8, 16, 4, 1), (4, 8, 16, 1), (4, 8, 16, 1, 1),
+    (32, 8, 16, 4), (4, 8, 16, 1, 0, 8), (4, 8, 16, 1, 0, 4), (8, 8, 16, 2, 0, 4),
+    (32, 8, 16, 8), (32, 8, 16, 4, 1), (4, 8, 16, 1), (4, 8, 16, 1, 1),
     (8, 8, 16, 2), (8, 8, 16, 2, 1), (16, 8, 16, 4), (16, 8, 16, 4, 1), (32, 8, 8, 8),
     (16, 8, 8, 4), (8, 32, 16, 8),
-]  # fmt: skip  # (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, PREFETCH])
+]  # fmt: skip  # (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, PREFETCH[, SEGMENTS]])
 
 
 def cfg_of(t):
@@ -52,9 +53,10 @@ def cfg_of(t):
 
 
 def bwd_cfg_of(t):
-    """A backward sweep tuple (BD, G, R, warps[, PREFETCH]) as a launch config."""
+    """A backward sweep tuple (BD, G, R, warps[, PREFETCH[, SEGMENTS]]) as a launch config."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     cfg["PREFETCH"] = t[4] if len(t) > 4 else 0
+    cfg["SEGMENTS"] = t[5] if len(t) > 5 else 1
     return cfg
 
 

@@ -235,9 +235,55 @@ def test_backward_prefetch_is_bit_identical(device, bk, ck, N, h0):
 
 
 @pytest.mark.parametrize(
+    "bk,ck,h0,segments",
+    [("variable", "fixed", True, 2), ("grouped", "variable", False, 3), ("fixed", "fixed", True, 8),
+     ("variable", "variable", True, 5)],
+)  # fmt: skip
+def test_segmented_backward_matches_one_launch(device, bk, ck, h0, segments):
+    # SEGMENTS launches cover the chunks last segment first, each from the checkpoint before it
+    # and the adjoint the later one left: du, ddelta, dz and the initial-state gradient are the
+    # same computation (bits equal); dA, dD, dbias and dB/dC are summed per segment (another
+    # order, or torch's reduction over channel blocks at another length). L = 45 with 16-step
+    # chunks: 3 chunks, the last one short; 8 segments is more than there are chunks.
+    x = op.make_inputs(2, 6, 45, 4, device=device, B_kind=bk, C_kind=ck, groups=2,
+                       initial_state=h0, seed=segments)  # fmt: skip
+    args = [x[n] for n in op._TENSORS]
+    fwd_cfg = {"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
+    _, _, ckpt = launch.selective_scan_fwd(*args, True, 16, True, config=fwd_cfg)
+    bwd_cfg = {"BLOCK_D": 2, "BLOCK_R": 8}
+    one, seg = (
+        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
+                                  config={**bwd_cfg, "SEGMENTS": n})
+        for n in (1, segments)
+    )  # fmt: skip
+    exact = {"u", "delta", "z", "initial_state"}
+    for name in one:
+        a, b = one[name], seg[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert torch.isfinite(b).all(), name
+        if name in exact:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(
+                b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
+    np_in = {n: to_numpy(x[n]) for n in op._TENSORS if x[n] is not None}
+    ref_g = selective_scan_bwd(to_numpy(x["dout"]), delta_softplus=True,
+                               dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
+    report = Report("selective_scan", f"bwd SEGMENTS={segments} {bk}/{ck}")
+    for name in op._TENSORS:
+        if x[name] is not None:
+            report.check(f"d{name}", seg[name], ref_g[name])
+    report.assert_ok()
+
+
+@pytest.mark.parametrize(
     "config,match",
     [({"BLOCK_Q": 2}, "unknown selective_scan fwd config keys"), ({"BLOCK_G": 3}, "power of two"),
-     ({"COLS": 3}, "COLS must be 1 or 2"), ({"PREFETCH": 2}, "PREFETCH must be 0 or 1")],
+     ({"COLS": 3}, "COLS must be 1 or 2"), ({"PREFETCH": 2}, "PREFETCH must be 0 or 1"),
+     ({"SEGMENTS": 0}, "unknown selective_scan fwd config keys")],
 )  # fmt: skip
 def test_bad_launch_config_is_rejected(device, config, match):
     x = op.make_inputs(1, 3, 8, 2, device=device)

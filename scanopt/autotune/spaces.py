@@ -503,16 +503,17 @@ def _wkv4() -> list[Tunable]:
 _SCAN_TENSORS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _scan_bwd_scratch_ok(block_d: int, s: Mapping[str, int], esize: int) -> bool:
+def _scan_bwd_scratch_ok(block_d: int, s: Mapping[str, int], esize: int, segments: int = 1) -> bool:
     """Memory rule of the backward: with variable B/C each program of ``BLOCK_D`` channels
     writes its own fp32 partial sums of dB and dC, ``2 * 4 * batch * ceil(dim / BLOCK_D) * N * L``
     bytes, summed afterwards. Small ``BLOCK_D`` runs faster (no cross-warp reduction; 1.37x on
     an H100 for ``BLOCK_D=4`` vs the default 32) but multiplies that scratch (4.3 GB at the
     anchor shape and L = 16k). A config may use at most the larger of the default's scratch
     (``BLOCK_D=32``) and the bytes of the gradients the backward returns anyway (du, ddelta, dz
-    in the input dtype), so the tuner never trades a model's memory for speed."""
+    in the input dtype), so the tuner never trades a model's memory for speed. With
+    ``SEGMENTS`` launches each covers about ``L / SEGMENTS`` steps, and so does the scratch."""
     batch, dim, N, L = s["batch"], s["dim"], s["N"], s["L"]
-    scratch = 8 * batch * -(-dim // block_d) * N * L
+    scratch = 8 * batch * -(-dim // block_d) * N * -(-L // segments)
     default_scratch = 8 * batch * -(-dim // 32) * N * L
     return scratch <= max(default_scratch, 3 * esize * batch * dim * L)
 
@@ -526,7 +527,9 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
     reg_budget = 256 if direction == "fwd" else 512
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps, esize: int = 2) -> bool:
-        if direction == "bwd" and not _scan_bwd_scratch_ok(c["BLOCK_D"], s, esize):
+        if direction == "bwd" and not _scan_bwd_scratch_ok(
+            c["BLOCK_D"], s, esize, c.get("SEGMENTS", 1)
+        ):
             return False
         if not p.is_cuda:
             return True
@@ -546,6 +549,8 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
                 "num_warps": (1, 2, 4), "num_stages": (1,), "PREFETCH": (0, 1)}  # fmt: skip
         if direction == "fwd":
             keys["COLS"] = (1, 2)  # state columns in flight per thread
+        else:  # launches per backward: bounds the variable-B/C partial sums of small BLOCK_D
+            keys["SEGMENTS"] = (1, 2, 4, 8)
         esize = _dtype(dtype).itemsize
         return Space(keys, lambda c, s, p: ok(c, s, p, esize))
 

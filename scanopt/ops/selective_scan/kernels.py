@@ -443,8 +443,10 @@ def selective_scan_bwd_kernel(
     dbias_ptr,
     dim,
     L,
+    L_row,
     N,
     n_ck,
+    s_ck_b,
     cpg_b,
     cpg_c,
     s_do_b,
@@ -499,8 +501,14 @@ def selective_scan_bwd_kernel(
     across the groups in between. Each column's ``G`` between chunks lives in ``adj`` (batch, N,
     dim) fp32; after the first chunk it is the initial-state gradient.
 
-    Outputs (no atomics): du, ddelta, dz (batch, dim, L) contiguous; partial sums summed by the
-    caller: ``dA[b, n, g, d]``, ``dD[b, l, d]``, ``dbias[b, l, d]`` (l < the chunk length),
+    A launch may cover a segment of the sequence (the launcher's ``SEGMENTS``): then every
+    (batch, dim, L) tensor is a view starting at the segment, ``L`` its length and ``L_row`` the
+    row length of du / ddelta / dz, the checkpoints start at the segment (batch stride
+    ``s_ck_b``), ``h0`` is the checkpoint before it and ``dlast`` the adjoint the later segment
+    left in ``adj``.
+
+    Outputs (no atomics): du, ddelta, dz (batch, dim, L_row) contiguous; partial sums summed by
+    the caller: ``dA[b, n, g, d]``, ``dD[b, l, d]``, ``dbias[b, l, d]`` (l < the chunk length),
     dB/dC ``[b, n, g, d]`` when fixed or ``[b, d_block, n, L]`` when variable (summed over the
     blocks of a group).
     """
@@ -532,9 +540,10 @@ def selective_scan_bwd_kernel(
     dout_base = dout_ptr + pid_b * s_do_b
     B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g
     C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g
-    io_off = (pid_b * dim + offs_d[:, None, None]) * L  # [BD, 1, 1] into du / ddelta / dz
+    # du / ddelta / dz rows are L_row long (the whole sequence when a launch covers a segment)
+    io_off = (pid_b * dim + offs_d[:, None, None]) * L_row  # [BD, 1, 1]
     adj_ptrs = adj_ptr + pid_b * N * dim + offs_d[:, None] + gi * 0  # [BD, G], + n * dim
-    ck_ptrs = ckpt_ptr + pid_b * n_ck * N * dim + offs_d  # [BD], + (k*N + n) * dim
+    ck_ptrs = ckpt_ptr + pid_b * s_ck_b + offs_d  # [BD], + (k*N + n) * dim
     # this thread's [BD, G] slots of the (batch, N, G, dim) partial sums, + n * G * dim
     nd_off = pid_b * N * BLOCK_G * dim + gi * dim + offs_d[:, None]
     part_off = (pid_b * n_dblk + pid_d) * N * L  # into dB/dC parts (batch, n_dblk, N, L)

@@ -19,7 +19,7 @@ from scanopt.autotune import resolve_config as tuned_config
 #: the keys of a launch config, per kernel (the tuner's search space)
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "PREFETCH", "num_warps", "num_stages"),
-    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "PREFETCH", "num_warps", "num_stages"),
+    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "PREFETCH", "SEGMENTS", "num_warps", "num_stages"),
     "update": ("BLOCK_D", "num_warps"),
 }
 
@@ -87,7 +87,9 @@ def default_config(
         # the interpreter pays per operation, not per element: wide tiles, short loops
         cfg = {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
                "num_stages": 1}  # fmt: skip
-        return {**cfg, "COLS": 1, "PREFETCH": 1} if kind == "fwd" else {**cfg, "PREFETCH": 1}
+        if kind == "fwd":
+            return {**cfg, "COLS": 1, "PREFETCH": 1}
+        return {**cfg, "PREFETCH": 1, "SEGMENTS": 1}
     # 8 groups of 16 steps (128-step chunks), one channel per thread. Picked offline from the
     # SASS of the column loop (about 14 instructions per (t, d, n) in the forward with one warp
     # per program; the backward costs about 39 with one warp and 50 with eight, but eight warps
@@ -103,8 +105,9 @@ def default_config(
     # programs of 4 channels were faster still (4.60 ms) but multiply the variable-B/C partial
     # sums eightfold (4.3 GB at L = 16k); the tuner's memory rule excludes them too
     # (scanopt.autotune.spaces._scan_bwd_scratch_ok).
-    return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "PREFETCH": 0, "num_warps": 4,
-            "num_stages": 1}  # fmt: skip
+    # SEGMENTS: launches the backward is split into (1: one launch over the whole sequence)
+    return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "PREFETCH": 0, "SEGMENTS": 1,
+            "num_warps": 4, "num_stages": 1}  # fmt: skip
 
 
 def resolve_config(
@@ -129,6 +132,8 @@ def resolve_config(
         raise ValueError(f"COLS must be 1 or 2, got {cfg['COLS']}")
     if "PREFETCH" in cfg and cfg["PREFETCH"] not in (0, 1):
         raise ValueError(f"PREFETCH must be 0 or 1, got {cfg['PREFETCH']}")
+    if "SEGMENTS" in cfg and (not isinstance(cfg["SEGMENTS"], int) or cfg["SEGMENTS"] < 1):
+        raise ValueError(f"SEGMENTS must be a positive int, got {cfg['SEGMENTS']!r}")
     if "BLOCK_R" in cfg and cfg["BLOCK_R"] < 2:
         raise ValueError(f"BLOCK_R must be at least 2, got {cfg['BLOCK_R']}")
     return cfg
@@ -307,50 +312,123 @@ def selective_scan_bwd(
     du = empty((batch, dim, L), u.dtype, dev)
     ddelta = empty((batch, dim, L), delta.dtype, dev)
     dz = empty((batch, dim, L), z.dtype, dev) if z is not None else None
-    G, BL = cfg["BLOCK_G"], chunk
-    adj = empty((batch, N, dim), f32, dev)
+    BL = chunk
+    # SEGMENTS > 1: one launch per segment of whole chunks, last segment first, each starting
+    # from the checkpoint before it and the adjoint the later one left. Only the variable-B/C
+    # partial sums scale with a launch's length, so they shrink by the segment count; du,
+    # ddelta, dz and dB/dC come out bit-identical, the dA/dD/dbias sums in another order.
+    per_seg = cdiv(n_ck, max(1, min(int(cfg.get("SEGMENTS", 1)), n_ck)))
+    starts = list(range(0, n_ck, per_seg))
+    adj_bufs = [empty((batch, N, dim), f32, dev) for _ in range(min(2, len(starts)))]
+    dB_full = dC_full = None
+    if bcb[0] and len(starts) > 1:
+        dB_full = empty((batch, bcb[1], N, L), f32, dev)
+    if bcc[0] and len(starts) > 1:
+        dC_full = empty((batch, bcc[1], N, L), f32, dev)
+    sums: dict[str, Tensor] = {}
+    adj = None
+    for i, c0 in enumerate(reversed(starts)):
+        c1 = min(n_ck, c0 + per_seg)
+        l0, l1 = c0 * BL, min(L, c1 * BL)
+        seg = slice(l0, l1)
+        if c0 == 0:
+            h0 = initial_state
+        else:  # the state before chunk c0: checkpoint c0 - 1, viewed as (batch, dim, N)
+            h0 = ckpt[:, c0 - 1].transpose(1, 2)
+        later = dlast if i == 0 else adj.transpose(1, 2)  # (batch, dim, N) like dlast
+        adj = adj_bufs[i % len(adj_bufs)]
+        parts = _bwd_launch(
+            selective_scan_bwd_kernel, cfg, BD, n_dblk, bcb, bcc,
+            dout[..., seg], later, u[..., seg], delta[..., seg], A,
+            B[..., seg] if bcb[0] else B, C[..., seg] if bcc[0] else C, D,
+            z[..., seg] if z is not None else None, delta_bias, h0, ckpt[:, c0:],
+            du[..., seg], ddelta[..., seg], dz[..., seg] if dz is not None else None, adj,
+            L_row=L, n_ck=c1 - c0, delta_softplus=delta_softplus,
+        )  # fmt: skip
+        reduced = {
+            "A": parts["dA"].sum((0, 2)),
+            "D": parts["dD"].sum((0, 1)) if parts["dD"] is not None else None,
+            "delta_bias": parts["dbias"].sum((0, 1)) if parts["dbias"] is not None else None,
+        }
+        for name, part, layout, M, full in (
+            ("B", parts["dB"], bcb, B, dB_full), ("C", parts["dC"], bcc, C, dC_full)
+        ):  # fmt: skip
+            if not layout[0]:
+                reduced[name] = part.sum((0, 2))
+            elif full is None:  # one launch: the whole length
+                reduced[name] = _reduce_bc(part, M, layout, batch)
+            else:
+                full[..., seg].copy_(_reduce_bc_rows(part, layout, batch))
+        for name, val in reduced.items():
+            if val is not None:
+                sums[name] = val if name not in sums else sums[name] + val
+    dB = dB_full.view(B.shape) if dB_full is not None else sums["B"]
+    dC = dC_full.view(C.shape) if dC_full is not None else sums["C"]
+    return {
+        "u": du,
+        "delta": ddelta,
+        "A": sums["A"].t().contiguous(),
+        "B": dB if bcb[0] else dB.t().contiguous(),
+        "C": dC if bcc[0] else dC.t().contiguous(),
+        "D": sums.get("D"),
+        "z": dz,
+        "delta_bias": sums.get("delta_bias"),
+        "initial_state": adj.transpose(1, 2).contiguous() if initial_state is not None else None,
+    }
+
+
+def _bwd_launch(
+    kernel, cfg: dict, BD: int, n_dblk: int, bcb: tuple, bcc: tuple,
+    dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+    C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
+    h0: Tensor | None, ckpt: Tensor, du: Tensor, ddelta: Tensor, dz: Tensor | None,
+    adj: Tensor, *, L_row: int, n_ck: int, delta_softplus: bool,
+) -> dict[str, Tensor | None]:  # fmt: skip
+    """One backward launch over ``u.shape[-1]`` steps (the whole sequence or a segment: every
+    (batch, dim, L) argument a view of it, ``L_row`` the outputs' row length, ``ckpt`` starting
+    at its first chunk). Returns its partial-sum buffers."""
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dev = u.device
+    f32 = torch.float32
+    G, BL = cfg["BLOCK_G"], cfg["BLOCK_G"] * cfg["BLOCK_R"]
+    bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)  # strides of the (sliced) views
     dA = empty((batch, N, G, dim), f32, dev)
     dB = empty((batch, n_dblk, N, L) if bcb[0] else (batch, N, G, dim), f32, dev)
     dC = empty((batch, n_dblk, N, L) if bcc[0] else (batch, N, G, dim), f32, dev)
     dD = empty((batch, BL, dim), f32, dev) if D is not None else None
     dbias = empty((batch, BL, dim), f32, dev) if delta_bias is not None else None
-    grid = (batch, n_dblk)
-    selective_scan_bwd_kernel[grid](
-        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt,
+    kernel[(batch, n_dblk)](
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt,
         du, ddelta, dz, adj, dA, dB, dC, dD, dbias,
-        dim, L, N, n_ck, bcb[2], bcc[2],
+        dim, L, L_row, N, n_ck, ckpt.stride(0), bcb[2], bcc[2],
         *dout.stride(), *u.stride(), *delta.stride(), *_opt_strides(z, 3),
         *A.stride(), *bcb[3], *bcc[3],
         D.stride(0) if D is not None else 0,
         delta_bias.stride(0) if delta_bias is not None else 0,
-        *_opt_strides(initial_state, 3), *_opt_strides(dlast, 3),
+        *_opt_strides(h0, 3), *_opt_strides(dlast, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None,
         HAS_DLAST=dlast is not None, B_VAR=bcb[0], C_VAR=bcc[0],
         BLOCK_D=BD, BLOCK_G=G, BLOCK_R=cfg["BLOCK_R"], PREFETCH=bool(cfg.get("PREFETCH", 0)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    return {
-        "u": du,
-        "delta": ddelta,
-        "A": dA.sum((0, 2)).t().contiguous(),
-        "B": _reduce_bc(dB, B, bcb, batch),
-        "C": _reduce_bc(dC, C, bcc, batch),
-        "D": dD.sum((0, 1)) if dD is not None else None,
-        "z": dz,
-        "delta_bias": dbias.sum((0, 1)) if dbias is not None else None,
-        "initial_state": adj.transpose(1, 2).contiguous() if initial_state is not None else None,
-    }
+    return {"dA": dA, "dB": dB, "dC": dC, "dD": dD, "dbias": dbias}
 
 
 def _reduce_bc(part: Tensor, M: Tensor, layout: tuple, batch: int) -> Tensor:
     """Sum a dB/dC partial buffer back to the argument's own shape (fp32)."""
-    var, groups = layout[0], layout[1]
-    if not var:
+    if not layout[0]:
         return part.sum((0, 2)).t().contiguous()  # (batch, N, G, dim) -> (dim, N)
+    return _reduce_bc_rows(part, layout, batch).view(M.shape)
+
+
+def _reduce_bc_rows(part: Tensor, layout: tuple, batch: int) -> Tensor:
+    """Variable B/C: (batch, n_dblk, N, L) partials -> (batch, groups, N, L), summing the
+    channel blocks of each group."""
+    groups = layout[1]
     n_dblk, N, L = part.shape[1:]
-    red = part.view(batch, groups, n_dblk // groups, N, L).sum(2)  # (batch, G, N, L)
-    return red.view(M.shape)
+    return part.view(batch, groups, n_dblk // groups, N, L).sum(2)
 
 
 #: element offsets at or above this need 64-bit index arithmetic in the decode-step kernel
