@@ -693,6 +693,35 @@ def test_gpu_deterministic_anchor_width():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", [(4, 8, 16, 1), (32, 8, 16, 4)])
+def test_gpu_segmented_backward_bf16(monkeypatch, tile):
+    # the public op with its backward in 8 launches: the one-warp tile (the default's
+    # partial-sum memory) and the default tile. Verified like every other case (float64
+    # reference, same-dtype PyTorch baseline), and du/ddelta/dz equal to one launch's bits.
+    x = op.make_inputs(2, 256, 4096, 16, dtype=torch.bfloat16, device="cuda", seed=3,
+                       initial_state=True)  # fmt: skip
+    default = launch.default_config
+
+    def with_segments(segments):
+        def cfg(kind, **shape):
+            base = default(kind, **shape)
+            if kind != "bwd":
+                return base
+            tiled = dict(zip(("BLOCK_D", "BLOCK_G", "BLOCK_R", "num_warps"), tile))
+            return {**base, **tiled, "SEGMENTS": segments}
+
+        return cfg
+
+    monkeypatch.setattr(launch, "default_config", with_segments(1))
+    _, _, one = op.run_case(x)
+    monkeypatch.setattr(launch, "default_config", with_segments(8))
+    op.check_case(x, f"bf16 SEGMENTS=8 {tile}").assert_ok()
+    _, _, seg = op.run_case(x)
+    for name in ("u", "delta", "z"):
+        assert torch.equal(one[name], seg[name]), name
+
+
+@pytest.mark.gpu
 def test_gpu_self_check():
     for report in op.self_check("cuda", quick=False):
         report.assert_ok()
