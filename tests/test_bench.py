@@ -687,6 +687,31 @@ def test_bench_command_on_gpu(tmp_path, monkeypatch, capsys):
     assert [(r["direction"], r["verified"]) for r in rows] == [("fwd", OK)]
 
 
+def test_git_sha_dirty_ignores_bench_rows(tmp_path):
+    # a bench run that saved rows must not mark the next row's code as dirty; code changes must
+    import subprocess
+
+    from scanopt.bench.results import git_sha
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "op.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_sha(cwd=tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "bench" / "results" / "op.csv").write_text("a\nb\n")
+    assert git_sha(cwd=tmp_path) == clean
+    assert git_sha(cwd=tmp_path / "bench") == clean  # from a subfolder too
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_sha(cwd=tmp_path) == clean + "+dirty"
+    assert git_sha(cwd=tmp_path / "bench") == clean + "+dirty"  # the whole tree counts
+
+
 def test_git_sha_falls_back_to_env_outside_a_checkout(tmp_path, monkeypatch):
     from scanopt.bench.results import git_sha
 

@@ -116,8 +116,10 @@ def gpu_slug(name: str) -> str:
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:
-    """Short sha of the checkout in ``cwd`` (``+dirty`` with local changes), else
-    ``SCANOPT_GIT_SHA`` (for copies of a tree without ``.git``, e.g. on a remote GPU), else ``""``."""
+    """Short sha of the checkout in ``cwd`` (``+dirty`` with local changes outside
+    ``bench/results/``: the rows a bench run writes do not make the code it measures dirty),
+    else ``SCANOPT_GIT_SHA`` (for copies of a tree without ``.git``, e.g. on a remote GPU), else
+    ``""``."""
     fallback = os.environ.get("SCANOPT_GIT_SHA", "")
     try:
         sha = subprocess.run(
@@ -130,7 +132,15 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
         if sha.returncode != 0:
             return fallback
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)bench/results",
+            ],  # fmt: skip
             cwd=cwd,
             capture_output=True,
             text=True,
