@@ -164,6 +164,18 @@ def _assert_forward_matches_reference(x, out, last, case):
     report.assert_ok()
 
 
+def _assert_backward_matches_reference(x, grads, case):
+    """The launcher's gradients ``grads`` against the float64 reference backward of ``x``."""
+    np_in = {n: to_numpy(x[n]) for n in op._TENSORS if x[n] is not None}
+    ref_g = selective_scan_bwd(to_numpy(x["dout"]), delta_softplus=True,
+                               dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
+    report = Report("selective_scan", case)
+    for name in op._TENSORS:
+        if x[name] is not None:
+            report.check(f"d{name}", grads[name], ref_g[name])
+    report.assert_ok()
+
+
 @pytest.mark.parametrize("N", [1, 5])
 @pytest.mark.parametrize("bk", ["fixed", "variable"])
 def test_forward_two_columns_odd_state_size(device, N, bk):
@@ -224,14 +236,7 @@ def test_backward_prefetch_is_bit_identical(device, bk, ck, N, h0):
             continue
         assert torch.isfinite(a).all(), name
         assert torch.equal(a, b), name
-    np_in = {n: to_numpy(x[n]) for n in op._TENSORS if x[n] is not None}
-    ref_g = selective_scan_bwd(to_numpy(x["dout"]), delta_softplus=True,
-                               dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
-    report = Report("selective_scan", f"bwd PREFETCH {bk}/{ck} N={N}")
-    for name in op._TENSORS:
-        if x[name] is not None:
-            report.check(f"d{name}", res[1][name], ref_g[name])
-    report.assert_ok()
+    _assert_backward_matches_reference(x, res[1], f"bwd PREFETCH {bk}/{ck} N={N}")
 
 
 @pytest.mark.parametrize(
@@ -269,14 +274,7 @@ def test_segmented_backward_matches_one_launch(device, bk, ck, h0, segments):
             torch.testing.assert_close(
                 b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
             )
-    np_in = {n: to_numpy(x[n]) for n in op._TENSORS if x[n] is not None}
-    ref_g = selective_scan_bwd(to_numpy(x["dout"]), delta_softplus=True,
-                               dlast_state=to_numpy(x["dlast"]), **np_in)  # fmt: skip
-    report = Report("selective_scan", f"bwd SEGMENTS={segments} {bk}/{ck}")
-    for name in op._TENSORS:
-        if x[name] is not None:
-            report.check(f"d{name}", seg[name], ref_g[name])
-    report.assert_ok()
+    _assert_backward_matches_reference(x, seg, f"bwd SEGMENTS={segments} {bk}/{ck}")
 
 
 @pytest.mark.parametrize(
