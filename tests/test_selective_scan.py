@@ -596,6 +596,37 @@ def test_state_update_batch_indices(device, monkeypatch, wide):
     assert torch.equal(pool[[0, 2, 3]], untouched)
 
 
+def test_state_update_eager_bypass_matches_custom_op(device, monkeypatch):
+    # eager calls skip the dispatcher (the decode step's host cost): they must run the same
+    # implementation as the custom op (same bits), and bump the state's version counter as the
+    # custom op's in-place handling does (autograd relies on it to catch stale saved tensors)
+    from scanopt.ops.selective_scan import op as scan_op
+
+    x = op.make_update_inputs(3, 2, 37, 16, ngroups=1, device=device, seed=5)
+    names = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    kw = {n: x[n] for n in names}
+    state_eager, state_op = x["state"].clone(), x["state"].clone()
+    taken = []
+    impl = scan_op._state_update_impl
+    monkeypatch.setattr(scan_op, "_state_update_impl", lambda *a: taken.append(1) or impl(*a))
+    before = state_eager._version
+    out_eager = scanopt.selective_state_update(state_eager, **kw, dt_softplus=True)
+    assert taken, "the eager bypass was not taken"
+    assert state_eager._version > before
+    before = state_op._version
+    out_op = torch.ops.scanopt.selective_state_update(state_op, *(kw[n] for n in names), True, None)
+    assert state_op._version > before
+    assert torch.equal(out_eager, out_op)
+    assert torch.equal(state_eager, state_op)
+    # under a gradient-requiring input the dispatcher path runs (no bypass)
+    taken.clear()
+    with torch.enable_grad():
+        scanopt.selective_state_update(
+            x["state"].clone(), **{**kw, "x": kw["x"].clone().requires_grad_()}, dt_softplus=True
+        )
+    assert not taken
+
+
 @pytest.mark.parametrize("knob", ["_GRID_YZ_MAX", "_INT32_LIMIT"])
 def test_state_update_other_launches_agree(device, monkeypatch, knob):
     """The decode kernel's batch-first grid (taken for a batch above the grid's y/z limit) and

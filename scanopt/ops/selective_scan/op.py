@@ -331,8 +331,7 @@ def _torch_state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus, idx):
     return out.to(x.dtype).contiguous()
 
 
-@torch.library.custom_op("scanopt::selective_state_update", mutates_args=("state",))
-def _state_update_op(
+def _state_update_impl(
     state: Tensor,
     x: Tensor,
     dt: Tensor,
@@ -352,6 +351,11 @@ def _state_update_op(
 
         return launch.selective_state_update(*args)
     return _torch_state_update(*args)
+
+
+_state_update_op = torch.library.custom_op(
+    "scanopt::selective_state_update", mutates_args=("state",)
+)(_state_update_impl)
 
 
 @_state_update_op.register_fake
@@ -542,9 +546,17 @@ def selective_state_update(
             dtypes=(torch.int32, torch.int64),
             device=dev,
         )
-    out = torch.ops.scanopt.selective_state_update(
-        state4, x3, dt3, A3, B3, C3, D2, z3, bias2, bool(dt_softplus), state_batch_indices
-    )
+    args = (state4, x3, dt3, A3, B3, C3, D2, z3, bias2, bool(dt_softplus), state_batch_indices)
+    if eager(*args) and not (
+        torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args)
+    ):
+        # eager decode: the implementation without the dispatcher (~25 us of host per call on
+        # the dev box, more than the kernel at small batch); the version bump is what the
+        # custom op's ADInplaceOrView step does for the mutated state
+        out = _state_update_impl(*args)
+        torch.autograd.graph.increment_version(state4)
+    else:
+        out = torch.ops.scanopt.selective_state_update(*args)
     return out if has_heads or x.dim() == 3 else out.squeeze(1)
 
 
