@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scanopt._env import backend_for
-from scanopt._tensor import FLOAT_DTYPES, check_tensor
+from scanopt._tensor import check_tensor
 from scanopt.ops._eager import apply, eager, make_function
 from scanopt.ops.selective_scan.launch import MAX_DSTATE, cdiv, checkpoint_chunk
 
@@ -502,10 +502,10 @@ def selective_state_update(
     Returns:
         out, shaped like ``x``, in x's dtype. Not differentiable (the state is mutated).
     """
-    for name, t in (("state", state), ("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES)
-    has_heads = state.dim() == 4
+    # one pass per argument for type, dtype, rank and device (heads() below), then the shapes
+    # with the dtype check off: the decode step is called once per layer and token
     check_tensor("state", state, ndim=(3, 4))
+    has_heads = state.dim() == 4
     dev = state.device
     state4 = state if has_heads else state.unsqueeze(1)
 
@@ -522,22 +522,22 @@ def selective_state_update(
     N = state4.shape[-1]
     if N > MAX_DSTATE:
         raise ValueError(f"state: the state size N={N} must be at most {MAX_DSTATE}")
-    check_tensor("x", x3, shape=(batch, state4.shape[1], state4.shape[2]))
+    check_tensor("x", x3, shape=(batch, state4.shape[1], state4.shape[2]), dtypes=None)
     if state_batch_indices is None:
-        check_tensor("state", state4, shape=(batch, nheads, dim, N))
-    check_tensor("dt", dt3, shape=(batch, nheads, dim))
-    check_tensor("A", A3, shape=(nheads, dim, N))
-    check_tensor("B", B3, shape=(batch, None, N))
+        check_tensor("state", state4, shape=(batch, nheads, dim, N), dtypes=None)
+    check_tensor("dt", dt3, shape=(batch, nheads, dim), dtypes=None)
+    check_tensor("A", A3, shape=(nheads, dim, N), dtypes=None)
+    check_tensor("B", B3, shape=(batch, None, N), dtypes=None)
     G = B3.shape[1]
     if G < 1 or nheads % G:
         raise ValueError(f"B: nheads={nheads} must be divisible by ngroups={G}")
-    check_tensor("C", C3, shape=(batch, G, N))
+    check_tensor("C", C3, shape=(batch, G, N), dtypes=None)
     if D2 is not None:
-        check_tensor("D", D2, shape=(nheads, dim))
+        check_tensor("D", D2, shape=(nheads, dim), dtypes=None)
     if z3 is not None:
-        check_tensor("z", z3, shape=(batch, nheads, dim))
+        check_tensor("z", z3, shape=(batch, nheads, dim), dtypes=None)
     if bias2 is not None:
-        check_tensor("dt_bias", bias2, shape=(nheads, dim))
+        check_tensor("dt_bias", bias2, shape=(nheads, dim), dtypes=None)
     if state_batch_indices is not None:
         check_tensor(
             "state_batch_indices",
