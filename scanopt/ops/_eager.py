@@ -53,10 +53,16 @@ def make_function(
     )
 
 
-def apply(fn: type[torch.autograd.Function], impl: Callable[..., Any], *args: Any) -> Any:
-    """``impl(*args)`` directly when no tensor argument needs a gradient, else ``fn.apply``."""
+def needs_grad(*args: Any) -> bool:
+    """True when autograd would record a call on ``args``: grad mode on and some tensor
+    argument requires a gradient."""
     if torch.is_grad_enabled():
         for a in args:
             if isinstance(a, torch.Tensor) and a.requires_grad:
-                return fn.apply(*args)
-    return impl(*args)
+                return True
+    return False
+
+
+def apply(fn: type[torch.autograd.Function], impl: Callable[..., Any], *args: Any) -> Any:
+    """``impl(*args)`` directly when no tensor argument needs a gradient, else ``fn.apply``."""
+    return fn.apply(*args) if needs_grad(*args) else impl(*args)

@@ -792,8 +792,8 @@ def selective_state_update_kernel(
     out_ptrs = out_ptr + pid_b * s_o_b + pid_h * s_o_h + offs_d * s_o_d
 
     if HAS_IDX:
-        # a negative state_batch_indices entry: leave that state row alone, out = 0 (masks, not
-        # a branch: without indices the kernel then has no dead skip path)
+        # a negative state_batch_indices entry: leave that state row alone, out = 0 (by masks:
+        # one code path with and without indices)
         st_b = tl.load(idx_ptr + pid_b)
         st_b = st_b.to(tl.int64) if WIDE else st_b.to(tl.int32)
         live = st_b >= 0

@@ -278,7 +278,6 @@ def selective_scan_bwd(
     chunk ``BLOCK_G * BLOCK_R`` is ``chunk`` (one of the two follows from the other when only one
     is given).
     """
-    from scanopt.ops.selective_scan.kernels import selective_scan_bwd_kernel
 
     ensure_interpreter_compat()
 
@@ -319,11 +318,12 @@ def selective_scan_bwd(
     # ddelta, dz and dB/dC come out bit-identical, the dA/dD/dbias sums in another order.
     per_seg = cdiv(n_ck, max(1, min(int(cfg.get("SEGMENTS", 1)), n_ck)))
     starts = list(range(0, n_ck, per_seg))
-    adj_bufs = [empty((batch, N, dim), f32, dev) for _ in range(min(2, len(starts)))]
+    segmented = len(starts) > 1
+    adj_bufs = [empty((batch, N, dim), f32, dev) for _ in range(1 + segmented)]
     dB_full = dC_full = None
-    if bcb[0] and len(starts) > 1:
+    if bcb[0] and segmented:
         dB_full = empty((batch, bcb[1], N, L), f32, dev)
-    if bcc[0] and len(starts) > 1:
+    if bcc[0] and segmented:
         dC_full = empty((batch, bcc[1], N, L), f32, dev)
     sums: dict[str, Tensor] = {}
     adj = None
@@ -331,6 +331,12 @@ def selective_scan_bwd(
         c1 = min(n_ck, c0 + per_seg)
         l0, l1 = c0 * BL, min(L, c1 * BL)
         seg = slice(l0, l1)
+
+        def cut(t: Tensor | None, seg: slice = seg) -> Tensor | None:
+            # the segment's view of a (..., L) tensor (no views at all for one launch: the
+            # backward's host path is part of every training step)
+            return t[..., seg] if segmented and t is not None else t
+
         if c0 == 0:
             h0 = initial_state
         else:  # the state before chunk c0: checkpoint c0 - 1, viewed as (batch, dim, N)
@@ -338,12 +344,11 @@ def selective_scan_bwd(
         later = dlast if i == 0 else adj.transpose(1, 2)  # (batch, dim, N) like dlast
         adj = adj_bufs[i % len(adj_bufs)]
         parts = _bwd_launch(
-            selective_scan_bwd_kernel, cfg, BD, n_dblk, bcb, bcc,
-            dout[..., seg], later, u[..., seg], delta[..., seg], A,
-            B[..., seg] if bcb[0] else B, C[..., seg] if bcc[0] else C, D,
-            z[..., seg] if z is not None else None, delta_bias, h0, ckpt[:, c0:],
-            du[..., seg], ddelta[..., seg], dz[..., seg] if dz is not None else None, adj,
+            cfg, BD, n_dblk, cut(dout), later, cut(u), cut(delta), A,
+            cut(B) if bcb[0] else B, cut(C) if bcc[0] else C, D, cut(z), delta_bias, h0,
+            ckpt[:, c0:] if segmented else ckpt, cut(du), cut(ddelta), cut(dz), adj,
             L_row=L, n_ck=c1 - c0, delta_softplus=delta_softplus,
+            layouts=None if segmented else (bcb, bcc),
         )  # fmt: skip
         reduced = {
             "A": parts["dA"].sum((0, 2)),
@@ -378,27 +383,29 @@ def selective_scan_bwd(
 
 
 def _bwd_launch(
-    kernel, cfg: dict, BD: int, n_dblk: int, bcb: tuple, bcc: tuple,
-    dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
+    cfg: dict, BD: int, n_dblk: int, dout: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
     h0: Tensor | None, ckpt: Tensor, du: Tensor, ddelta: Tensor, dz: Tensor | None,
-    adj: Tensor, *, L_row: int, n_ck: int, delta_softplus: bool,
+    adj: Tensor, *, L_row: int, n_ck: int, delta_softplus: bool, layouts: tuple | None = None,
 ) -> dict[str, Tensor | None]:  # fmt: skip
     """One backward launch over ``u.shape[-1]`` steps (the whole sequence or a segment: every
     (batch, dim, L) argument a view of it, ``L_row`` the outputs' row length, ``ckpt`` starting
-    at its first chunk). Returns its partial-sum buffers."""
+    at its first chunk; ``layouts`` B's and C's ``bc_layout`` when they are not views).
+    Returns its partial-sum buffers."""
+    from scanopt.ops.selective_scan.kernels import selective_scan_bwd_kernel
+
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
     f32 = torch.float32
     G, BL = cfg["BLOCK_G"], cfg["BLOCK_G"] * cfg["BLOCK_R"]
-    bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)  # strides of the (sliced) views
+    bcb, bcc = layouts or (bc_layout(B, dim), bc_layout(C, dim))  # strides of the views
     dA = empty((batch, N, G, dim), f32, dev)
     dB = empty((batch, n_dblk, N, L) if bcb[0] else (batch, N, G, dim), f32, dev)
     dC = empty((batch, n_dblk, N, L) if bcc[0] else (batch, N, G, dim), f32, dev)
     dD = empty((batch, BL, dim), f32, dev) if D is not None else None
     dbias = empty((batch, BL, dim), f32, dev) if delta_bias is not None else None
-    kernel[(batch, n_dblk)](
+    selective_scan_bwd_kernel[(batch, n_dblk)](
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt,
         du, ddelta, dz, adj, dA, dB, dC, dD, dbias,
         dim, L, L_row, N, n_ck, ckpt.stride(0), bcb[2], bcc[2],
