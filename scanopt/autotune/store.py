@@ -374,9 +374,10 @@ def lookup(
             exact = e.get("exact", [])
             if set(have) != set(want) or any(have[k] != want[k] for k in exact):
                 continue
-            cand = (_distance(have, want), rank, json.dumps(have, sort_keys=True), e)
-            if cand[0] > MAX_NEAREST_DISTANCE:
+            dist = _distance(have, want)
+            if dist > MAX_NEAREST_DISTANCE:
                 continue
+            cand = (dist, rank, json.dumps(have, sort_keys=True), e)
             if best is None or cand[:3] < best[:3]:
                 best = cand
     if best is not None:

@@ -140,7 +140,7 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
                 "--",
                 ":(top)",
                 ":(top,exclude)bench/results",
-            ],  # fmt: skip
+            ],
             cwd=cwd,
             capture_output=True,
             text=True,
