@@ -3,6 +3,7 @@ and fwd / fwd+bwd timings against mamba_ssm's CUDA kernel, all in one process.
 
     PYTHONPATH=$PWD python bench/scan_probe.py            # full probe (~3-6 min on an H200)
     PYTHONPATH=$PWD python bench/scan_probe.py --quick    # L=2048,4096 only, smaller sweep
+    PYTHONPATH=$PWD python bench/scan_probe.py --quick --L 2048,16384   # smaller sweep, these lengths
 
 Anchor shape (ANCHORS.md): bf16, batch 4, dim 2048, N 16, variable B/C (batch, N, L), with z, D,
 delta_bias, delta_softplus. Times are medians of ``triton.testing.do_bench``; ratio = CUDA / scanopt
@@ -201,8 +202,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument(
+        "--L", help="comma-separated lengths of the timing table (default: 2k-16k, --quick 2k,4k)"
+    )
     a = ap.parse_args()
     Ls = [2048, 4096] if a.quick else [2048, 4096, 8192, 16384]
+    if a.L:
+        Ls = [int(v) for v in a.L.split(",")]
     t0 = time.time()
     name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}")
