@@ -18,6 +18,15 @@ def prev_rows(x, N: tl.constexpr):
 
 
 @triton.jit
+def next_rows(x, N: tl.constexpr):
+    """``y[t] = x[t + 1]``, ``y[N - 1] = 0`` for an ``[N, *]`` fp32 tile, exactly (as
+    :func:`prev_rows`)."""
+    o = tl.arange(0, N)
+    shift = (o[:, None] + 1 == o[None, :]).to(tl.float32)  # [N, N]
+    return tl.dot(shift, x, input_precision="ieee")
+
+
+@triton.jit
 def last_row(x, N: tl.constexpr):
     """Row ``N - 1`` of an ``[N, *]`` tile, as a vector."""
     o = tl.arange(0, N)

@@ -36,7 +36,7 @@ Kernel families (config ``MODE``; same 16-step checkpoints as wkv7):
 import triton
 import triton.language as tl
 
-from scanopt.ops._tc_helpers import last_row, prev_rows
+from scanopt.ops._tc_helpers import last_row, next_rows, prev_rows
 
 # ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
 # (forward 15, recompute 14, adjoint 31, chunk adjoint 25)
@@ -851,9 +851,11 @@ def wkv6_tc_out_kernel(
 # Tensor-core backward (``MODE="tc"``, bf16/fp16 inputs), from the forward's 16-step checkpoints.
 #
 # With H_s the state before block s (checkpoint) and D_s the cotangent of the state after its
-# last step (``wkv6_tc_dstate_kernel``), every gradient is local to the block. For steps t, j, i
-# of the block, g / e the inclusive / exclusive log decays from the block start, gL the whole
-# block's, and X[t, j] = exp(e_t - g_j) for j < t (0 otherwise; every factor <= 1):
+# last step, every gradient is local to the block. ``wkv6_tc_dstate_kernel`` walks the chunks
+# of BT steps in reverse for the chunk-end cotangents; each block program forms its own D_s
+# from its chunk's and the chunk's later rows. For steps t, j, i of the block, g / e the
+# inclusive / exclusive log decays from the block start, gL the whole block's, and
+# X[t, j] = exp(e_t - g_j) for j < t (0 otherwise; every factor <= 1, and X[t, t-1] = 1):
 #
 #     h_{t-1} = exp(e_t) H_s + sum_{j<t} X[t, j] k_j v_j^T
 #     D_t     = exp(gL - g_t) D_s + sum_{i>t} X[i, t] q_i do_i^T
@@ -865,9 +867,20 @@ def wkv6_tc_out_kernel(
 #     dv_j = D_s^T (k_j exp(gL - g_j)) + sum_{t>=j} A[t, j] do_t     (A: the forward's, u on its diagonal)
 #     dw_t = exp(w_t) * rowsum(D_t * h_{t-1})                         (direct: no cumsum identity)
 #
-# The last expands into four block-local terms (H.D, H.do, D.v and the pairs j < t < i); each is
-# a product of actual decay factors, so dw keeps its relative accuracy for any decay, unlike
-# fla's dw = revcumsum(q dq - k dk), which cancels to noise when exp(w) is tiny.
+# The last expands into four block-local terms, each a sum of products of actual decay factors
+# that all include exp(w_t), so dw keeps its relative accuracy for any decay (fla's
+# dw = revcumsum(q dq - k dk) cancels to noise when exp(w) is tiny: its adjacent pairs have
+# factor 1 and appear in both q dq and k dk):
+#
+#     dw_t = exp(gL) rowsum(H_s * D_s)                                    (state x state)
+#          + sum_{j<t} k_j exp(gL - g_j) (D_s v_j)                        (block keys x D_s)
+#          + sum_{i>t} q_i exp(e_i) (H_s do_i)                            (block queries x H_s)
+#          + sum_{j<t<i} q_i k_j X[i, j] M[i, j]                          (pairs around t)
+#
+# The pair term telescopes without the adjacent pairs: with a_t = q_t sum_{j<t-1} M X k_j and
+# b_j = k_j sum_{i>j+1} M X q_i (the intra-block dq / dk without their adjacent pair, each
+# term carrying at least one decay factor), it is sum_{i<t} b_i - sum_{i<=t} a_i. Every sum
+# over the block is a cumulative sum; the exclusive ones are exact row shifts of it.
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -923,7 +936,13 @@ def wkv6_tc_dstate_kernel(
         ).to(tl.float32)  # [BS, BV]
         b_g = tl.cumsum(b_w, axis=0)
         b_gl = last_row(b_g, BS)  # [BK] the whole block's log decay
-        b_qf = b_q * scale * tl.exp(prev_rows(b_g, BS))  # [BS, BK] decay from the block start
+        if BS <= 16:
+            b_e = prev_rows(b_g, BS)  # exact, cheap at 16 rows
+        else:
+            # an [BS, BS] shift product on the serial path costs more than it buys: g - w is off
+            # by ~|g| 2^-24 in the exponent, i.e. only where the factor exp(e) is tiny anyway
+            b_e = b_g - b_w
+        b_qf = b_q * scale * tl.exp(b_e)  # [BS, BK] decay from the block start
         b_d = b_d * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qf), b_do, input_precision=PREC)
     if HAS_H0:
         tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
@@ -938,7 +957,7 @@ def wkv6_tc_bwd_kernel(
     u,  # [H, K]
     do,  # [B, T, H, V]
     ckpt,  # [B, H, NS, K, V] fp32 state before each BC-step block
-    dbuf,  # [B, H, NS, K, V] fp32 cotangent of the state after each block
+    dbuf,  # [B, H, NC, K, V] fp32 cotangent of the state after each BT-step chunk
     dr,  # [B, T, H, K] (or fp32 partials [NV, B, T, H, K] when part_stride > 0); likewise dk, dw
     dk,
     dw,
@@ -953,6 +972,7 @@ def wkv6_tc_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     BC: tl.constexpr,
+    BT: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
@@ -961,9 +981,11 @@ def wkv6_tc_bwd_kernel(
     i_b = i_bh // H
     i_h = i_bh % H
     NS = (T + BC - 1) // BC
+    NC = (T + BT - 1) // BT
     HK = tl.cast(H, tl.int64) * K
     HV = tl.cast(H, tl.int64) * V
     t0 = i_s * BC
+    c0 = (t0 // BT) * BT  # first step of this block's chunk
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -973,8 +995,10 @@ def wkv6_tc_bwd_kernel(
     m_t = (t0 + o_i) < T
     m_x = m_t[:, None] & m_k[None, :]  # [BC, BK]
     m_y = m_t[:, None] & m_v[None, :]  # [BC, BV]
-    p_x = i_b * T * HK + i_h * K + (t0 + o_i[:, None]) * HK + o_k[None, :]
-    p_y = i_b * T * HV + i_h * V + (t0 + o_i[:, None]) * HV + o_v[None, :]
+    base_x = i_b * T * HK + i_h * K
+    base_y = i_b * T * HV + i_h * V
+    p_x = base_x + (t0 + o_i[:, None]) * HK + o_k[None, :]
+    p_y = base_y + (t0 + o_i[:, None]) * HV + o_v[None, :]
 
     b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
     b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
@@ -982,47 +1006,69 @@ def wkv6_tc_bwd_kernel(
     b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
     b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-    o_h = (i_bh * NS + i_s) * K * V + o_k[:, None] * V + o_v[None, :]
+    o_h = o_k[:, None] * V + o_v[None, :]
     m_h = m_k[:, None] & m_v[None, :]
-    b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BK, BV] state before the block
-    b_D = tl.load(dbuf + o_h, mask=m_h, other=0.0)  # [BK, BV] cotangent after the block
+    b_H = tl.load(ckpt + (i_bh * NS + i_s) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
+
+    # D_s: the chunk-end cotangent carried back over the chunk's rows after this block
+    b_D = tl.load(dbuf + (i_bh * NC + t0 // BT) * K * V + o_h, mask=m_h, other=0.0)
+    if t0 + BC < tl.minimum(c0 + BT, T):
+        o_c = tl.arange(0, BT)
+        m_c = ((c0 + o_c) >= t0 + BC) & ((c0 + o_c) < T)  # [BT] rows after the block
+        p_c = base_x + (c0 + o_c[:, None]) * HK + o_k[None, :]  # [BT, BK]
+        b_wc = tl.load(w + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_qc = tl.load(r + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_doc = tl.load(
+            do + base_y + (c0 + o_c[:, None]) * HV + o_v[None, :],
+            mask=m_c[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BT, BV]
+        b_gc = tl.cumsum(b_wc, axis=0)  # [BT, BK] from the block's end; 0 on earlier rows
+        # exclusive decays as g - w: off by ~|g| 2^-24 in the exponent, only where exp(e) is tiny
+        b_qc = b_qc * scale * tl.exp(b_gc - b_wc)
+        b_D = b_D * tl.exp(last_row(b_gc, BT))[:, None] + tl.dot(
+            tl.trans(b_qc), b_doc, input_precision=PREC
+        )
 
     diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
+    adjacent = o_i[:, None] == o_i[None, :] + 1  # [t, j]: j = t - 1
     b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
-    b_e = prev_rows(b_g, BC)
+    b_e = prev_rows(b_g, BC)  # exact shift: e_t - g_{t-1} is exactly 0
     b_gl = last_row(b_g, BC)  # [BK]
     b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
     b_lg = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay from after t to the block end
-    later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1]: j < t
-    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))  # [t, j, BK]
+    # pairs j < t - 1 ([t, j, BK]); the adjacent pairs (factor 1) are taken apart below
+    far = (o_i[:, None] > o_i[None, :] + 1)[:, :, None]
+    b_X = tl.exp(tl.where(far, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
 
     b_M = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BC, BC] do_t . v_j
     b_c = tl.sum(tl.where(diag, b_M, 0.0), axis=1)  # [BC] v_t . do_t
+    b_Madj = tl.where(adjacent, b_M, 0.0)
+    b_kp = prev_rows(b_k, BC)  # [BC, BK] k_{t-1}
+    b_qn = next_rows(b_q, BC)  # [BC, BK] q_{j+1}
     b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
     b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # [BC, BK] (D_s v_t)
 
-    b_dq = b_eg * b_Hdo + tl.sum(b_M[:, :, None] * b_k[None, :, :] * b_X, axis=1)
+    b_dqf = tl.sum(b_M[:, :, None] * b_k[None, :, :] * b_X, axis=1)  # [BC, BK] far pairs
+    b_dkf = tl.sum(b_M[:, :, None] * b_q[:, None, :] * b_X, axis=0)
+    b_dq = b_eg * b_Hdo + b_dqf + tl.sum(b_Madj, axis=1)[:, None] * b_kp
     b_dq += b_u[None, :] * b_k * b_c[:, None]
-    b_dk = b_lg * b_Dv + tl.sum(b_M[:, :, None] * b_q[:, None, :] * b_X, axis=0)
+    b_dk = b_lg * b_Dv + b_dkf + tl.sum(b_Madj, axis=0)[:, None] * b_qn
     b_dk += b_u[None, :] * b_q * b_c[:, None]
     b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_X, axis=2)  # [BC, BC] the forward's A
+    b_A += tl.where(adjacent, tl.sum(b_q * b_kp, axis=1)[:, None], 0.0)
     b_A += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_k, axis=1)[:, None], 0.0)
     b_dv = tl.dot(b_k * b_lg, b_D, input_precision=PREC)  # [BC, BV]
     b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PREC)
     b_du = tl.sum(b_q * b_k * b_c[:, None], axis=0)  # [BK]
 
-    # dw_t = exp(w_t) * rowsum(D_t * h_{t-1}): state x state, state x block, block x block
-    b_z = b_eg * b_lg * tl.sum(b_H * b_D, axis=1)[None, :]
-    b_z += b_eg * tl.sum(b_X * (b_q * b_Hdo)[:, None, :], axis=0)  # i > t: X[i, t] q_i (H do_i)
-    b_z += b_lg * tl.sum(b_X * (b_k * b_Dv)[None, :, :], axis=1)  # j < t: X[t, j] k_j (D v_j)
-    b_qX = b_X * b_q[:, None, :]  # [i, t, BK] X[i, t] q_i
-    for t in range(0, BC):  # pairs j < t < i: X[t, j] X[i, t] k_j q_i M[i, j]
-        sel = (o_i == t)[:, None]
-        b_a = b_k * tl.sum(tl.where((o_i == t)[:, None, None], b_X, 0.0), axis=0)  # X[t, j] k_j
-        b_b = tl.sum(tl.where((o_i == t)[None, :, None], b_qX, 0.0), axis=1)  # X[i, t] q_i
-        b_P = tl.dot(b_M, b_a, input_precision=PREC)  # [BC(i), BK] sum_j M[i, j] a_j
-        b_z += tl.where(sel, tl.sum(b_b * b_P, axis=0)[None, :], 0.0)
-    b_dw = tl.exp(b_w) * b_z
+    # dw (see above): prefix sums over j < t, suffix sums over i > t, the pair term telescoped
+    b_pre = b_k * (b_lg * b_Dv + b_dkf)  # [BC, BK] summed over j < t
+    b_suf = b_q * b_eg * b_Hdo  # summed over i > t
+    b_dw = tl.exp(b_gl) * tl.sum(b_H * b_D, axis=1)  # [BK]
+    b_dw = b_dw[None, :] + prev_rows(tl.cumsum(b_pre, axis=0), BC)
+    b_dw += next_rows(tl.cumsum(b_suf, axis=0, reverse=True), BC)
+    b_dw -= tl.cumsum(b_q * b_dqf, axis=0)
 
     p_part = i_v * part_stride + p_x
     tl.store(dr + p_part, (b_dq * scale).to(dr.dtype.element_ty), mask=m_x)

@@ -177,17 +177,19 @@ def wkv6_bwd(
         NS = cdiv(T, CKPT_CHUNK)
         prec = TC_PRECISION[r.dtype]
         opts = _launch_opts(cfg)
-        dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
+        # chunk-end cotangents every BT steps (serial); each 16-step block program carries its
+        # chunk's back over the chunk's later rows itself
+        dbuf = torch.empty((B, H, cdiv(T, cfg["BT"]), K, V), dtype=torch.float32, device=device)
         kernels.wkv6_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
             r, w, do, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
-            BK=max(16, BK), BV=cfg["BW"], BS=CKPT_CHUNK, HAS_DHT=dht is not None,
+            BK=max(16, BK), BV=cfg["BW"], BS=cfg["BT"], HAS_DHT=dht is not None,
             HAS_H0=h0 is not None, PREC=prec, **opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
         kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
             r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
-            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, PREC=prec, **opts,
+            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PREC=prec, **opts,
         )  # fmt: skip
         du = du.flatten(0, 1)
     elif not chunked:
