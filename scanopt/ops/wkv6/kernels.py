@@ -1000,15 +1000,8 @@ def wkv6_tc_bwd_kernel(
     p_x = base_x + (t0 + o_i[:, None]) * HK + o_k[None, :]
     p_y = base_y + (t0 + o_i[:, None]) * HV + o_v[None, :]
 
-    b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
-    b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
-    b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
-    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
     o_h = o_k[:, None] * V + o_v[None, :]
     m_h = m_k[:, None] & m_v[None, :]
-    b_H = tl.load(ckpt + (i_bh * NS + i_s) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
 
     # D_s: the chunk-end cotangent carried back over the chunk's rows after this block
     b_D = tl.load(dbuf + (i_bh * NC + t0 // BT) * K * V + o_h, mask=m_h, other=0.0)
@@ -1030,6 +1023,15 @@ def wkv6_tc_bwd_kernel(
             tl.trans(b_qc), b_doc, input_precision=PREC
         )
 
+    # (the block's own tiles are loaded after D_s: fewer live registers while it is formed)
+    b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
+    b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
+    b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
+    b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    b_H = tl.load(ckpt + (i_bh * NS + i_s) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
+
     diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
     adjacent = o_i[:, None] == o_i[None, :] + 1  # [t, j]: j = t - 1
     b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
@@ -1037,35 +1039,47 @@ def wkv6_tc_bwd_kernel(
     b_gl = last_row(b_g, BC)  # [BK]
     b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
     b_lg = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay from after t to the block end
-    # pairs j < t - 1 ([t, j, BK]); the adjacent pairs (factor 1) are taken apart below
-    far = (o_i[:, None] > o_i[None, :] + 1)[:, :, None]
-    b_X = tl.exp(tl.where(far, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+
+    # everything that needs the states first (they are the largest tiles)
+    b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
+    b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # [BC, BK] (D_s v_t)
+    b_dv = tl.dot(b_k * b_lg, b_D, input_precision=PREC)  # [BC, BV]
+    b_dw = tl.exp(b_gl) * tl.sum(b_H * b_D, axis=1)  # [BK] dw's state x state term
 
     b_M = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BC, BC] do_t . v_j
     b_c = tl.sum(tl.where(diag, b_M, 0.0), axis=1)  # [BC] v_t . do_t
     b_Madj = tl.where(adjacent, b_M, 0.0)
     b_kp = prev_rows(b_k, BC)  # [BC, BK] k_{t-1}
     b_qn = next_rows(b_q, BC)  # [BC, BK] q_{j+1}
-    b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
-    b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # [BC, BK] (D_s v_t)
 
-    b_dqf = tl.sum(b_M[:, :, None] * b_k[None, :, :] * b_X, axis=1)  # [BC, BK] far pairs
-    b_dkf = tl.sum(b_M[:, :, None] * b_q[:, None, :] * b_X, axis=0)
+    # pairs j < t - 1, one key column j at a time ([BC, BK] tiles: a [BC, BC, BK] tile spills);
+    # the adjacent pairs (factor 1) are taken apart below
+    b_dqf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_j M[t, j] X[t, j] k_j
+    b_dkf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_t M[t, j] X[t, j] q_t
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)  # the forward's A over far pairs
+    for j in range(0, BC - 2):
+        row_j = (o_i == j)[:, None]  # [BC, 1]
+        col_j = (o_i == j)[None, :]  # [1, BC]
+        b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
+        b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
+        b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
+        b_x = tl.exp(tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf")))
+        b_qx = b_q * b_x  # [BC, BK]
+        b_dqf += b_Mj[:, None] * b_kj[None, :] * b_x
+        b_dkf += tl.where(row_j, tl.sum(b_Mj[:, None] * b_qx, axis=0)[None, :], 0.0)
+        b_A += tl.where(col_j, tl.sum(b_qx * b_kj[None, :], axis=1)[:, None], 0.0)
     b_dq = b_eg * b_Hdo + b_dqf + tl.sum(b_Madj, axis=1)[:, None] * b_kp
     b_dq += b_u[None, :] * b_k * b_c[:, None]
     b_dk = b_lg * b_Dv + b_dkf + tl.sum(b_Madj, axis=0)[:, None] * b_qn
     b_dk += b_u[None, :] * b_q * b_c[:, None]
-    b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_X, axis=2)  # [BC, BC] the forward's A
     b_A += tl.where(adjacent, tl.sum(b_q * b_kp, axis=1)[:, None], 0.0)
     b_A += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_k, axis=1)[:, None], 0.0)
-    b_dv = tl.dot(b_k * b_lg, b_D, input_precision=PREC)  # [BC, BV]
     b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PREC)
     b_du = tl.sum(b_q * b_k * b_c[:, None], axis=0)  # [BK]
 
     # dw (see above): prefix sums over j < t, suffix sums over i > t, the pair term telescoped
     b_pre = b_k * (b_lg * b_Dv + b_dkf)  # [BC, BK] summed over j < t
     b_suf = b_q * b_eg * b_Hdo  # summed over i > t
-    b_dw = tl.exp(b_gl) * tl.sum(b_H * b_D, axis=1)  # [BK]
     b_dw = b_dw[None, :] + prev_rows(tl.cumsum(b_pre, axis=0), BC)
     b_dw += next_rows(tl.cumsum(b_suf, axis=0, reverse=True), BC)
     b_dw -= tl.cumsum(b_q * b_dqf, axis=0)

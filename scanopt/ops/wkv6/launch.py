@@ -186,10 +186,14 @@ def wkv6_bwd(
             HAS_H0=h0 is not None, PREC=prec, **opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
+        # the block gradients are all bf16 when w is: one-pass tf32 is exact on bf16 operands
+        # and ~1e-4 on the fp32 ones, and 3-pass tf32 spills there (sm_90, K = V = 64: 255
+        # registers + 256 B against 248 + 0). fp16 inputs or an fp32 w keep 3-pass.
+        grad_prec = "tf32" if r.dtype == w.dtype == torch.bfloat16 else prec
         kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
             r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
-            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PREC=prec, **opts,
+            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PREC=grad_prec, **opts,
         )  # fmt: skip
         du = du.flatten(0, 1)
     elif not chunked:
