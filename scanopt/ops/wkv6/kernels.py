@@ -758,7 +758,8 @@ def wkv6_tc_out_kernel(
     w,  # [B, T, H, K] log decay
     u,  # [H, K] bonus
     o,  # [B, T, H, V] output
-    hbuf,  # [B, H, NS, K, V] fp32 states BT // RATIO steps apart; chunk c reads slot c * RATIO
+    hbuf,  # [B, H, NC, K, V] fp32 state before each BT-step chunk
+    ckpt,  # [B, H, ceil(T / CK), K, V] fp32 state every CK steps (written when STORE_CKPT)
     scale,
     T,
     H,
@@ -768,7 +769,8 @@ def wkv6_tc_out_kernel(
     BV: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
-    RATIO: tl.constexpr,
+    CK: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
@@ -776,7 +778,8 @@ def wkv6_tc_out_kernel(
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    NS = (T + BT // RATIO - 1) // (BT // RATIO)
+    NC = (T + BT - 1) // BT
+    NCK = (T + CK - 1) // CK
     HK = tl.cast(H, tl.int64) * K
     HV = tl.cast(H, tl.int64) * V
     t0 = i_c * BT
@@ -787,6 +790,8 @@ def wkv6_tc_out_kernel(
     o_i = tl.arange(0, BC)
     m_k = o_k < K
     m_v = o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
     m_tk = ((t0 + o_t) < T)[:, None] & m_k[None, :]
     base_k = i_b * T * HK + i_h * K + t0 * HK
     base_v = i_b * T * HV + i_h * V + t0 * HV
@@ -795,14 +800,9 @@ def wkv6_tc_out_kernel(
     # only this tile and the state stay live across the loop)
     p_all = base_k + o_t[:, None] * HK + o_k[None, :]  # [BT, BK]
     b_gall = tl.cumsum(tl.load(w + p_all, mask=m_tk, other=0.0).to(tl.float32), axis=0)
-    b_h = tl.load(
-        hbuf + (i_bh * NS + i_c * RATIO) * K * V + o_k[:, None] * V + o_v[None, :],
-        mask=m_k[:, None] & m_v[None, :],
-        other=0.0,
-    )  # [BK, BV] state before the chunk
+    b_h = tl.load(hbuf + (i_bh * NC + i_c) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
     diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
-    later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1] key j strictly before i
 
     for a in tl.static_range(BT // BC):
         m_a = (t0 + a * BC + o_i) < T  # [BC]
@@ -834,11 +834,31 @@ def wkv6_tc_out_kernel(
                 other=0.0,
             ).to(tl.float32)  # [BT, BV]
             b_o += tl.dot(b_A, b_vb, input_precision=PREC)
-        # this sub-chunk, exactly: A[i, j] = sum_k q_i k_j exp(e_i - g_j) for j < i, as one
-        # [BC, BC, BK] tile (no factorisation), plus the bonus on the diagonal
-        b_x = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
-        b_Ad = tl.sum(b_q[:, None, :] * b_ka[None, :, :] * b_x, axis=2)  # [BC, BC]
-        b_Ad += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_ka, axis=1)[:, None], 0.0)
+            if STORE_CKPT:
+                if (a * BC) % CK == 0:
+                    if t0 + a * BC < T:
+                        # the state before this sub-chunk: the chunk's, carried over the
+                        # earlier sub-chunks (the factors above, decay to the sub-chunk start)
+                        b_s = b_h * tl.exp(b_ea0)[:, None] + tl.dot(
+                            tl.trans(b_kf), b_vb, input_precision=PREC
+                        )
+                        tl.store(
+                            ckpt + (i_bh * NCK + (t0 + a * BC) // CK) * K * V + o_h, b_s, mask=m_h
+                        )
+        else:
+            if STORE_CKPT:
+                tl.store(ckpt + (i_bh * NCK + t0 // CK) * K * V + o_h, b_h, mask=m_h)
+        # this sub-chunk, exactly, one key column j at a time ([BC, BK] tiles):
+        # A[i, j] = sum_k q_i k_j exp(e_i - g_j) for j < i, plus the bonus on the diagonal
+        b_Ad = tl.where(diag, tl.sum(b_q * b_u[None, :] * b_ka, axis=1)[:, None], 0.0)
+        for j in range(0, BC - 1):
+            row_j = (o_i == j)[:, None]  # [BC, 1]
+            b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
+            b_kj = tl.sum(tl.where(row_j, b_ka, 0.0), axis=0)
+            b_x = tl.exp(tl.where((o_i > j)[:, None], b_e - b_gj[None, :], float("-inf")))
+            b_Ad += tl.where(
+                (o_i == j)[None, :], tl.sum(b_q * b_x * b_kj[None, :], 1)[:, None], 0.0
+            )
         b_o += tl.dot(b_Ad, b_va, input_precision=PREC)
         tl.store(
             o + base_v + (a * BC + o_i[:, None]) * HV + o_v[None, :],

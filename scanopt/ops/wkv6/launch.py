@@ -102,24 +102,26 @@ def wkv6_fwd(
 
 
 def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
-    """``MODE="tc"``: states every ``CHUNK`` (checkpoints) or ``BT`` steps on tensor cores,
-    then every chunk's output in parallel."""
+    """``MODE="tc"``: the state before every chunk of ``BT`` steps on tensor cores (serial),
+    then every chunk's output in parallel, which also writes the ``CHUNK``-step checkpoints
+    inside its chunk."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     BK, BT = max(16, next_pow2(K)), cfg["BT"]
-    BS = cfg["CHUNK"] if store_ckpt else BT  # steps between the stored states
-    hbuf = ckpt
-    if not store_ckpt:
-        hbuf = torch.empty((B, H, cdiv(T, BS), K, V), dtype=torch.float32, device=r.device)
+    hbuf = torch.empty((B, H, cdiv(T, BT), K, V), dtype=torch.float32, device=r.device)
     prec = TC_PRECISION[r.dtype]
     opts = _launch_opts(cfg)
     kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
         k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
-        BK=BK, BV=cfg["BW"], BS=BS, HAS_H0=h0 is not None, PREC=prec, **opts,
+        BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **opts,
     )  # fmt: skip
+    # o and the checkpoints only feed bf16 results when r and w are bf16: one-pass tf32 there
+    # (3-pass spills, as in the backward); the final state above keeps 3-pass
+    out_prec = "tf32" if r.dtype == w.dtype == torch.bfloat16 else prec
     kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
-        r, k, v, w, u, o, hbuf, scale, T, H, K, V,
-        BK=BK, BV=cfg["BV"], BT=BT, BC=16, RATIO=BT // BS, PREC=prec, **opts,
+        r, k, v, w, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
+        BK=BK, BV=cfg["BV"], BT=BT, BC=16, CK=cfg["CHUNK"], STORE_CKPT=store_ckpt,
+        PREC=out_prec, **opts,
     )  # fmt: skip
     return o, ht, ckpt
 
