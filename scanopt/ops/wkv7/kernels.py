@@ -47,7 +47,7 @@ before steps 0, CHUNK, 2 CHUNK, ... in a ``[B, H, NT, K, V]`` tensor.
 import triton
 import triton.language as tl
 
-from scanopt.ops._tc_helpers import last_row, prev_rows, unit_lower_inverse
+from scanopt.ops._tc_helpers import last_row, next_rows, prev_rows, unit_lower_inverse
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -1155,6 +1155,21 @@ def wkv7_tc_bwd_kernel(
     b_dv = tl.dot(tl.trans(b_Aqk), b_do, input_precision=PREC)
     b_dv += tl.dot(tl.trans(b_Aak), b_dsa, input_precision=PREC)
 
+    # diagonal / adjacent entries of the [BC, BC] products (rows t, columns j)
+    far3 = (o_i[:, None] > o_i[None, :] + 1)[:, :, None]  # j < t - 1
+    diag2 = o_i[:, None] == o_i[None, :]
+    adj2 = o_i[:, None] == o_i[None, :] + 1  # j = t - 1
+    ms_d = tl.sum(tl.where(diag2, b_Ms, 0.0), axis=1)  # [BC] Ms[t, t]
+    mv_d = tl.sum(tl.where(diag2, b_Mv, 0.0), axis=1)
+    ms_row = tl.sum(tl.where(adj2, b_Ms, 0.0), axis=1)  # Ms[t, t - 1]
+    mv_row = tl.sum(tl.where(adj2, b_Mv, 0.0), axis=1)
+    ms_col = tl.sum(tl.where(adj2, b_Ms, 0.0), axis=0)  # Ms[j + 1, j]
+    mv_col = tl.sum(tl.where(adj2, b_Mv, 0.0), axis=0)
+    ns_row = tl.sum(tl.where(adj2, b_Ns, 0.0), axis=1)  # Ns[t, t - 1]
+    nv_row = tl.sum(tl.where(adj2, b_Nv, 0.0), axis=1)
+    ns_col = tl.sum(tl.where(adj2, b_Ns, 0.0), axis=0)  # Ns[j + 1, j]
+    nv_col = tl.sum(tl.where(adj2, b_Nv, 0.0), axis=0)
+
     # pass 2: the K-side gradients, slice by slice
     for kc in range(0, BK // BKC):
         o_k = kc * BKC + o_c
@@ -1166,9 +1181,11 @@ def wkv7_tc_bwd_kernel(
         b_a = _tc_block_cols(a, p_x, m_x)
         b_b = _tc_block_cols(b, p_x, m_x)
         b_w = _tc_block_cols(w, p_x, m_x)
-        b_g, b_e, b_X, b_Y = _tc_decays(b_w, BC)
+        b_g = tl.cumsum(b_w, axis=0)
+        b_e = prev_rows(b_g, BC)  # exact: X[t, t - 1] = exp(e_t - g_{t-1}) is exactly 1
         b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)  # after t to the block end
         b_eg = tl.exp(b_e)  # block start to before t
+        b_ew = tl.exp(b_w)  # Y[t, j] = exp(w_t) X[t, j] for j < t
         o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
         m_h = m_k[:, None] & m_v[None, :]
         b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
@@ -1177,43 +1194,48 @@ def wkv7_tc_bwd_kernel(
         b_Hds = tl.dot(b_dsa, tl.trans(b_H), input_precision=PREC)  # H dsa_i
         b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # D v_j
         b_Ds = tl.dot(b_sa, tl.trans(b_D), input_precision=PREC)  # D sa_j
-
-        b_dq = tl.exp(b_g) * b_Hdo
-        b_dq += tl.sum(
-            b_Y * (b_b[None, :, :] * b_Ms[:, :, None] + b_k[None, :, :] * b_Mv[:, :, None]), 1
-        )
-        b_da = b_eg * b_Hds
-        b_da += tl.sum(
-            b_X * (b_b[None, :, :] * b_Ns[:, :, None] + b_k[None, :, :] * b_Nv[:, :, None]), 1
-        )
-        b_dk = b_tail * b_Dv + tl.sum(b_Y * b_q[:, None, :] * b_Mv[:, :, None], 0)
-        b_dk += tl.sum(b_X * b_a[:, None, :] * b_Nv[:, :, None], 0)
-        b_db = b_tail * b_Ds + tl.sum(b_Y * b_q[:, None, :] * b_Ms[:, :, None], 0)
-        b_db += tl.sum(b_X * b_a[:, None, :] * b_Ns[:, :, None], 0)
         b_dv += tl.dot(b_k * b_tail, b_D, input_precision=PREC)
+        b_dw = tl.exp(last_row(b_g, BC)) * tl.sum(b_D * b_H, axis=1)  # [BKC] state x state
 
-        # dw_t = exp(w_t) rowsum(G_t * h_{t-1}): state x state, state x block, block x block
-        b_z = b_tail * b_eg * tl.sum(b_D * b_H, axis=1)[None, :]
-        b_z += b_tail * tl.sum(b_X * (b_b * b_Ds + b_k * b_Dv)[None, :, :], axis=1)  # j < t
-        b_z += b_eg * tl.sum(b_Y * (b_q * b_Hdo)[:, None, :] + b_X * (b_a * b_Hds)[:, None, :], 0)
-        b_qY = b_Y * b_q[:, None, :]  # [i, t, BKC]
-        b_aX = b_X * b_a[:, None, :]
-        for t in range(0, BC):  # pairs j < t <= i (q side) and j < t < i (a side)
-            sel = (o_i == t)[:, None]
-            sel3 = (o_i == t)[:, None, None]
-            b_f = tl.sum(tl.where(sel3, b_X, 0.0), axis=0)  # [j, BKC] X[t, j]
-            b_fb = b_b * b_f
-            b_fk = b_k * b_f
-            b_pq = tl.dot(b_Ms, b_fb, input_precision=PREC)
-            b_pq += tl.dot(b_Mv, b_fk, input_precision=PREC)
-            b_pa = tl.dot(b_Ns, b_fb, input_precision=PREC)
-            b_pa += tl.dot(b_Nv, b_fk, input_precision=PREC)
-            sel_t = (o_i == t)[None, :, None]
-            b_yi = tl.sum(tl.where(sel_t, b_qY, 0.0), axis=1)  # [i, BKC] Y[i, t] q_i
-            b_xi = tl.sum(tl.where(sel_t, b_aX, 0.0), axis=1)  # [i, BKC] X[i, t] a_i
-            b_zt = tl.sum(b_yi * b_pq + b_xi * b_pa, axis=0)  # [BKC]
-            b_z += tl.where(sel, b_zt[None, :], 0.0)
-        b_dw = tl.exp(b_w) * b_z
+        # one [BC, BC, BKC] tile of factors, for the pairs j < t - 1 only; the diagonal
+        # (Y = 1) and adjacent (X = 1) pairs are added from [BC] vectors, so that dw's
+        # telescoped pair term below only sums terms that carry a decay factor
+        b_Xf = tl.exp(tl.where(far3, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+        b_qw = b_q * b_ew
+        b_Sq = tl.sum(
+            b_Xf * (b_b[None, :, :] * b_Ms[:, :, None] + b_k[None, :, :] * b_Mv[:, :, None]), 1
+        )
+        b_daf = tl.sum(
+            b_Xf * (b_b[None, :, :] * b_Ns[:, :, None] + b_k[None, :, :] * b_Nv[:, :, None]), 1
+        )
+        b_dkp = tl.sum(
+            b_Xf * (b_qw[:, None, :] * b_Mv[:, :, None] + b_a[:, None, :] * b_Nv[:, :, None]), 0
+        )
+        b_dbp = tl.sum(
+            b_Xf * (b_qw[:, None, :] * b_Ms[:, :, None] + b_a[:, None, :] * b_Ns[:, :, None]), 0
+        )
+        b_bp = prev_rows(b_b, BC)  # [BC, BKC] b_{t-1}
+        b_kp = prev_rows(b_k, BC)
+        b_an = next_rows(b_a, BC)  # a_{j+1}
+        b_qwn = next_rows(b_qw, BC)
+        b_dqy = b_ew * (b_Sq + b_bp * ms_row[:, None] + b_kp * mv_row[:, None])  # pairs j < t
+        b_dkp += b_qwn * mv_col[:, None]  # pairs t > j (q side) and t > j + 1 (a side)
+        b_dbp += b_qwn * ms_col[:, None]
+
+        b_dq = tl.exp(b_g) * b_Hdo + b_dqy + b_b * ms_d[:, None] + b_k * mv_d[:, None]
+        b_da = b_eg * b_Hds + b_daf + b_bp * ns_row[:, None] + b_kp * nv_row[:, None]
+        b_dk = b_tail * b_Dv + b_dkp + b_q * mv_d[:, None] + b_an * nv_col[:, None]
+        b_db = b_tail * b_Ds + b_dbp + b_q * ms_d[:, None] + b_an * ns_col[:, None]
+
+        # dw_t = exp(w_t) rowsum(G_t * h_{t-1}) as sums of terms that each include exp(w_t)
+        # (wkv6/kernels.py derives the same for WKV-6): state x state (above), keys x D
+        # (j < t), queries x H (i >= t), a x H (i > t), and the pairs j < t <= i (q side) /
+        # j < t < i (a side) telescoped into prefix sums of the distance-split block sums
+        b_pre = b_tail * (b_b * b_Ds + b_k * b_Dv) + b_b * b_dbp + b_k * b_dkp - b_q * b_dqy
+        b_dw = b_dw[None, :] + prev_rows(tl.cumsum(b_pre, axis=0), BC)
+        b_dw += tl.cumsum(tl.exp(b_g) * b_q * b_Hdo, axis=0, reverse=True)
+        b_dw += next_rows(tl.cumsum(b_eg * b_a * b_Hds, axis=0, reverse=True), BC)
+        b_dw -= tl.cumsum(b_a * b_daf, axis=0)
 
         p_part = i_v * part_stride + p_x
         tl.store(dr + p_part, (b_dq * scale).to(dr.dtype.element_ty), mask=m_x)
