@@ -709,6 +709,13 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         assert t.space({**small, "K": 256}, "bfloat16", CPU_PROPS).params["MODE"] == ("recurrent",)
         tc8 = {"MODE": "tc", "BV": 8, "num_warps": 4, "num_stages": 1}
         assert not t.space(small, "bfloat16", CPU_PROPS).allows(tc8, small, CPU_PROPS)
+        # the chunk length is tunable for the chunked families, a single point for recurrent
+        space = t.space(small, "bfloat16", CPU_PROPS)
+        assert space.params["BT"] == (32, 64, 128)
+        rec = {"MODE": "recurrent", "BV": 16, "num_warps": 1, "num_stages": 1}
+        assert space.allows({**rec, "BT": 64}, small, CPU_PROPS)
+        assert not space.allows({**rec, "BT": 32}, small, CPU_PROPS)
+        assert space.allows({**tc8, "BV": 16, "BT": 32}, small, CPU_PROPS)
 
 
 def test_tune_a_real_op_under_the_interpreter_and_the_op_uses_it(cache):

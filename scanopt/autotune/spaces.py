@@ -241,6 +241,8 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps) -> bool:
         bk, bv, nw = next_pow2(s["K"]), c["BV"], c["num_warps"]
+        if c["MODE"] == "recurrent" and c.get("BT", 64) != 64:
+            return False  # BT (chunk steps) means nothing to the recurrent kernels: one point
         if c["MODE"] == "tc":
             # the pair tiles live in registers whatever BV is: ptxas decides; only tl.dot's
             # minimum and the thread limit are known up front
@@ -261,6 +263,10 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
         if shape["K"] <= 128:
             modes += ("chunked",) + (("tc",) if dtype in ("bfloat16", "float16") else ())
         params = {"MODE": modes, "BV": bvs, "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3)}
+        if len(modes) > 1:
+            # steps per chunk of the chunked / tc kernels (tc: also the interval of its serial
+            # state passes, 64 by default)
+            params["BT"] = (32, 64, 128)
         return Space(params, ok)
 
     return space
