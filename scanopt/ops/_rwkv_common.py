@@ -87,9 +87,11 @@ def default_config(
     - ``"tc"`` (bf16/fp16 inputs, ``K <= 128``): tensor-core kernels over 16-step blocks with
       pairwise decay factors (WKV-6's forward output kernel takes chunks of ``BT`` steps in
       16-step sub-chunks); the backward works block by block from the forward's 16-step
-      checkpoints and the state cotangents of a serial reverse pass. Verified on a GPU but
-      slower than the default (H100, 2026-12-06: WKV-6 2.9x, WKV-7 7x at 1k-16k tokens), so
-      opt-in.
+      checkpoints and the state cotangents of a serial reverse pass (WKV-6: every ``BT``
+      steps, each block carrying its chunk's cotangent back itself; its forward's serial pass
+      also walks ``BT`` steps and the output kernel writes the checkpoints). Verified on a GPU
+      but slower than the default (H100, 2026-12-06: WKV-6 2.9x, WKV-7 7x at 1k-16k tokens),
+      so opt-in; WKV-6's rework of 2026-12-07 is verified on the CPU only.
     - ``BW`` (chunked): columns per program of the chunk-transition kernel; (tc) the V-block of
       the serial state / cotangent passes.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
