@@ -1058,7 +1058,13 @@ def wkv6_tc_bwd_kernel(
     b_e = prev_rows(b_g, BC)  # exact shift: e_t - g_{t-1} is exactly 0
     b_gl = last_row(b_g, BC)  # [BK]
     b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
-    b_lg = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay from after t to the block end
+    b_ew = tl.exp(b_w)  # [BC, BK] the step decays themselves
+    # [BC, BK] decay from after t to the block end, as exp(gL - g_{t+1}) exp(w_{t+1}): when
+    # only one step separates t from the end, the factor is that step's exp(w) exactly, not
+    # exp of a difference of cumulative sums (off by ~|g| 2^-24, 1e-5 relative under strong
+    # decay, and exactly these one-step terms dominate dw there)
+    b_lg = next_rows(tl.exp(b_gl[None, :] - b_g) * b_ew, BC)
+    b_lg += tl.where(o_i[:, None] == BC - 1, 1.0, 0.0)
 
     # everything that needs the states first (they are the largest tiles)
     b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
@@ -1084,6 +1090,9 @@ def wkv6_tc_bwd_kernel(
         b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
         b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
         b_x = tl.exp(tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf")))
+        # one step apart (t = j + 2): that step's exp(w) exactly (see b_lg)
+        b_ewj = tl.sum(tl.where((o_i == j + 1)[:, None], b_ew, 0.0), axis=0)
+        b_x = tl.where((o_i == j + 2)[:, None], b_ewj[None, :], b_x)
         b_qx = b_q * b_x  # [BC, BK]
         b_dqf += b_Mj[:, None] * b_kj[None, :] * b_x
         b_dkf += tl.where(row_j, tl.sum(b_Mj[:, None] * b_qx, axis=0)[None, :], 0.0)

@@ -1157,6 +1157,7 @@ def wkv7_tc_bwd_kernel(
 
     # diagonal / adjacent entries of the [BC, BC] products (rows t, columns j)
     far3 = (o_i[:, None] > o_i[None, :] + 1)[:, :, None]  # j < t - 1
+    step2 = (o_i[:, None] == o_i[None, :] + 2)[:, :, None]  # j = t - 2
     diag2 = o_i[:, None] == o_i[None, :]
     adj2 = o_i[:, None] == o_i[None, :] + 1  # j = t - 1
     ms_d = tl.sum(tl.where(diag2, b_Ms, 0.0), axis=1)  # [BC] Ms[t, t]
@@ -1183,9 +1184,13 @@ def wkv7_tc_bwd_kernel(
         b_w = _tc_block_cols(w, p_x, m_x)
         b_g = tl.cumsum(b_w, axis=0)
         b_e = prev_rows(b_g, BC)  # exact: X[t, t - 1] = exp(e_t - g_{t-1}) is exactly 1
-        b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)  # after t to the block end
         b_eg = tl.exp(b_e)  # block start to before t
         b_ew = tl.exp(b_w)  # Y[t, j] = exp(w_t) X[t, j] for j < t
+        # after t to the block end, as exp(gL - g_{t+1}) exp(w_{t+1}): one step from the end
+        # it is that step's exp(w) exactly (wkv6/kernels.py: these terms dominate dw under
+        # strong decay, and a difference of cumulative sums is off by ~|g| 2^-24)
+        b_tail = next_rows(tl.exp(last_row(b_g, BC)[None, :] - b_g) * b_ew, BC)
+        b_tail += tl.where(o_i[:, None] == BC - 1, 1.0, 0.0)
         o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
         m_h = m_k[:, None] & m_v[None, :]
         b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
@@ -1201,6 +1206,7 @@ def wkv7_tc_bwd_kernel(
         # (Y = 1) and adjacent (X = 1) pairs are added from [BC] vectors, so that dw's
         # telescoped pair term below only sums terms that carry a decay factor
         b_Xf = tl.exp(tl.where(far3, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+        b_Xf = tl.where(step2, prev_rows(b_ew, BC)[:, None, :], b_Xf)  # t = j + 2: exp(w_{t-1})
         b_qw = b_q * b_ew
         b_Sq = tl.sum(
             b_Xf * (b_b[None, :, :] * b_Ms[:, :, None] + b_k[None, :, :] * b_Mv[:, :, None]), 1
