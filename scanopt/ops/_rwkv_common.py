@@ -54,6 +54,15 @@ MODES = ("recurrent", "chunked", "tc")
 TC_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3"}
 
 
+def block_precision(r: torch.Tensor, w: torch.Tensor) -> str:
+    """tl.dot precision of the tc kernels whose every result is in the inputs' dtype (WKV-6's
+    output kernel, both ops' block-gradient kernels): one-pass tf32 when r and w are bf16 (exact
+    on bf16 operands, ~1e-4 on the fp32 ones, under bf16's budget; 3-pass spills there, sm_90,
+    K = V = 64), else ``TC_PRECISION`` (fp16 inputs, or an fp32 w whose gradient has fp32
+    limits). The final state and dh0 always take ``TC_PRECISION``."""
+    return "tf32" if r.dtype == w.dtype == torch.bfloat16 else TC_PRECISION[r.dtype]
+
+
 def mode_applies(mode: str, dtype: torch.dtype) -> bool:
     """False for the tensor-core kernels on fp32 inputs (their log-space exponents are not
     fp32-exact); every other family takes every dtype."""

@@ -36,7 +36,7 @@ Kernel families (config ``MODE``; same 16-step checkpoints as wkv7):
 import triton
 import triton.language as tl
 
-from scanopt.ops._tc_helpers import last_row, next_rows, prev_rows
+from scanopt.ops._tc_helpers import decay_to_end, last_row, next_rows, prev_rows
 
 # ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
 # (forward 15, recompute 14, adjoint 31, chunk adjoint 25)
@@ -834,17 +834,13 @@ def wkv6_tc_out_kernel(
                 other=0.0,
             ).to(tl.float32)  # [BT, BV]
             b_o += tl.dot(b_A, b_vb, input_precision=PREC)
-            if STORE_CKPT:
-                if (a * BC) % CK == 0:
-                    if t0 + a * BC < T:
-                        # the state before this sub-chunk: the chunk's, carried over the
-                        # earlier sub-chunks (the factors above, decay to the sub-chunk start)
-                        b_s = b_h * tl.exp(b_ea0)[:, None] + tl.dot(
-                            tl.trans(b_kf), b_vb, input_precision=PREC
-                        )
-                        tl.store(
-                            ckpt + (i_bh * NCK + (t0 + a * BC) // CK) * K * V + o_h, b_s, mask=m_h
-                        )
+            if STORE_CKPT and (a * BC) % CK == 0:  # both compile-time
+                if t0 + a * BC < T:
+                    # the state before this sub-chunk: the chunk's, carried over the earlier
+                    # sub-chunks (the factors above, decay to the sub-chunk start)
+                    b_s = b_h * tl.exp(b_ea0)[:, None]
+                    b_s += tl.dot(tl.trans(b_kf), b_vb, input_precision=PREC)
+                    tl.store(ckpt + (i_bh * NCK + (t0 + a * BC) // CK) * K * V + o_h, b_s, mask=m_h)
         else:
             if STORE_CKPT:
                 tl.store(ckpt + (i_bh * NCK + t0 // CK) * K * V + o_h, b_h, mask=m_h)
@@ -1059,12 +1055,7 @@ def wkv6_tc_bwd_kernel(
     b_gl = last_row(b_g, BC)  # [BK]
     b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
     b_ew = tl.exp(b_w)  # [BC, BK] the step decays themselves
-    # [BC, BK] decay from after t to the block end, as exp(gL - g_{t+1}) exp(w_{t+1}): when
-    # only one step separates t from the end, the factor is that step's exp(w) exactly, not
-    # exp of a difference of cumulative sums (off by ~|g| 2^-24, 1e-5 relative under strong
-    # decay, and exactly these one-step terms dominate dw there)
-    b_lg = next_rows(tl.exp(b_gl[None, :] - b_g) * b_ew, BC)
-    b_lg += tl.where(o_i[:, None] == BC - 1, 1.0, 0.0)
+    b_lg = decay_to_end(b_g, b_ew, BC)  # [BC, BK] after t to the block end (one-step exact)
 
     # everything that needs the states first (they are the largest tiles)
     b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
@@ -1090,7 +1081,7 @@ def wkv6_tc_bwd_kernel(
         b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
         b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
         b_x = tl.exp(tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf")))
-        # one step apart (t = j + 2): that step's exp(w) exactly (see b_lg)
+        # one step apart (t = j + 2): that step's exp(w) itself (see decay_to_end)
         b_ewj = tl.sum(tl.where((o_i == j + 1)[:, None], b_ew, 0.0), axis=0)
         b_x = tl.where((o_i == j + 2)[:, None], b_ewj[None, :], b_x)
         b_qx = b_q * b_x  # [BC, BK]

@@ -19,6 +19,7 @@ from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
     TC_PRECISION,
+    block_precision,
     cdiv,
     next_pow2,
     resolve_config,
@@ -115,13 +116,10 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
         k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **opts,
     )  # fmt: skip
-    # o and the checkpoints only feed bf16 results when r and w are bf16: one-pass tf32 there
-    # (3-pass spills, as in the backward); the final state above keeps 3-pass
-    out_prec = "tf32" if r.dtype == w.dtype == torch.bfloat16 else prec
     kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
         r, k, v, w, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BT=BT, BC=16, CK=cfg["CHUNK"], STORE_CKPT=store_ckpt,
-        PREC=out_prec, **opts,
+        PREC=block_precision(r, w), **opts,
     )  # fmt: skip
     return o, ht, ckpt
 
@@ -188,14 +186,11 @@ def wkv6_bwd(
             HAS_H0=h0 is not None, PREC=prec, **opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
-        # the block gradients are all bf16 when w is: one-pass tf32 is exact on bf16 operands
-        # and ~1e-4 on the fp32 ones, and 3-pass tf32 spills there (sm_90, K = V = 64: 255
-        # registers + 256 B against 248 + 0). fp16 inputs or an fp32 w keep 3-pass.
-        grad_prec = "tf32" if r.dtype == w.dtype == torch.bfloat16 else prec
         kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
             r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
-            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PREC=grad_prec, **opts,
+            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PREC=block_precision(r, w),
+            **opts,
         )  # fmt: skip
         du = du.flatten(0, 1)
     elif not chunked:

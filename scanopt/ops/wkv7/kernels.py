@@ -47,7 +47,13 @@ before steps 0, CHUNK, 2 CHUNK, ... in a ``[B, H, NT, K, V]`` tensor.
 import triton
 import triton.language as tl
 
-from scanopt.ops._tc_helpers import last_row, next_rows, prev_rows, unit_lower_inverse
+from scanopt.ops._tc_helpers import (
+    decay_to_end,
+    last_row,
+    next_rows,
+    prev_rows,
+    unit_lower_inverse,
+)
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -1186,11 +1192,7 @@ def wkv7_tc_bwd_kernel(
         b_e = prev_rows(b_g, BC)  # exact: X[t, t - 1] = exp(e_t - g_{t-1}) is exactly 1
         b_eg = tl.exp(b_e)  # block start to before t
         b_ew = tl.exp(b_w)  # Y[t, j] = exp(w_t) X[t, j] for j < t
-        # after t to the block end, as exp(gL - g_{t+1}) exp(w_{t+1}): one step from the end
-        # it is that step's exp(w) exactly (wkv6/kernels.py: these terms dominate dw under
-        # strong decay, and a difference of cumulative sums is off by ~|g| 2^-24)
-        b_tail = next_rows(tl.exp(last_row(b_g, BC)[None, :] - b_g) * b_ew, BC)
-        b_tail += tl.where(o_i[:, None] == BC - 1, 1.0, 0.0)
+        b_tail = decay_to_end(b_g, b_ew, BC)  # after t to the block end (one-step exact)
         o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
         m_h = m_k[:, None] & m_v[None, :]
         b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]

@@ -19,6 +19,7 @@ from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
     TC_PRECISION,
+    block_precision,
     cdiv,
     next_pow2,
     resolve_config,
@@ -194,13 +195,10 @@ def wkv7_bwd(
             BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
             PREC=prec, **opts,
         )  # fmt: skip
-        # all block gradients are bf16 when r and w are: one-pass tf32 (exact on bf16 operands,
-        # ~1e-4 on fp32 ones) halves the spills (sm_90, K = V = 64: 1016 -> 504 B)
-        grad_prec = "tf32" if r.dtype == w.dtype == torch.bfloat16 else prec
         kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
             r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
             B * T * H * K if NV > 1 else 0,
-            BK=BK, BKC=min(BK, 16), BV=BV, BC=CKPT_CHUNK, PREC=grad_prec, **opts,
+            BK=BK, BKC=min(BK, 16), BV=BV, BC=CKPT_CHUNK, PREC=block_precision(r, w), **opts,
         )  # fmt: skip
     elif not chunked:
         BK = next_pow2(K)
