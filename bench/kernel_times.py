@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from collections import defaultdict
 
 import torch
@@ -35,7 +36,7 @@ def _fla_fn(op_name: str):
     return lambda r, w, k, v, a, b: chunk_rwkv7(r, w, k, v, a, b, scale=1.0)
 
 
-def _wkv_call(op_name: str, L: int, mode: str | None, impl: str = "scanopt"):
+def _wkv_call(op_name: str, L: int, mode: str | None, impl: str = "scanopt", cfg=None):
     from scanopt.ops._rwkv_common import forced_mode
 
     mod = __import__(f"scanopt.ops.{op_name}.op", fromlist=["make_inputs"])
@@ -46,7 +47,7 @@ def _wkv_call(op_name: str, L: int, mode: str | None, impl: str = "scanopt"):
     def call():
         leaves = [x[n].detach().requires_grad_(True) for n in names]
         # a fresh context per call: forced_mode is a generator context manager (single use)
-        with forced_mode(op_name, mode) if mode else contextlib.nullcontext():
+        with forced_mode(op_name, mode, **(cfg or {})) if mode else contextlib.nullcontext():
             o, _ = fn(*leaves)
             o.backward(x["do"])
 
@@ -125,6 +126,13 @@ def main() -> None:
         help="WKV-6/7: time flash-linear-attention's chunk_rwkv6/7 instead (per-kernel budgets "
         "for scanopt's kernels; its first call autotunes, which is not timed)",
     )
+    ap.add_argument(
+        "--cfg",
+        type=json.loads,
+        default=None,
+        help='WKV-6/7 with --mode: config keys on top of that family\'s default, both '
+        'directions, as JSON (e.g. \'{"BW": 32, "SW": 4}\')',
+    )
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="top-N host functions")
     a = ap.parse_args()
@@ -132,8 +140,10 @@ def main() -> None:
         ap.error("--mode and --impl apply to wkv6/wkv7 only")
     if a.mode and a.impl != "scanopt":
         ap.error("--mode is a scanopt option")
+    if a.cfg and not a.mode:
+        ap.error("--cfg needs --mode")
     makers = {"selective_scan": _scan_call, "wkv4": _wkv4_call, "attention": _attention_call}
-    call = makers[a.op](a.L) if a.op in makers else _wkv_call(a.op, a.L, a.mode, a.impl)
+    call = makers[a.op](a.L) if a.op in makers else _wkv_call(a.op, a.L, a.mode, a.impl, a.cfg)
     call()  # compile
     call()
     host = _host_time(call)

@@ -707,15 +707,21 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         )
         assert t.space(small, "float32", CPU_PROPS).params["MODE"] == ("recurrent", "chunked")
         assert t.space({**small, "K": 256}, "bfloat16", CPU_PROPS).params["MODE"] == ("recurrent",)
-        tc8 = {"MODE": "tc", "BV": 8, "num_warps": 4, "num_stages": 1}
+        tc8 = {"MODE": "tc", "BV": 8, "num_warps": 4, "num_stages": 1, "BW": 16, "SW": 4}
         assert not t.space(small, "bfloat16", CPU_PROPS).allows(tc8, small, CPU_PROPS)
         # the chunk length is tunable for the chunked families, a single point for recurrent
         space = t.space(small, "bfloat16", CPU_PROPS)
         assert space.params["BT"] == (32, 64, 128)
-        rec = {"MODE": "recurrent", "BV": 16, "num_warps": 1, "num_stages": 1}
+        rec = {"MODE": "recurrent", "BV": 16, "num_warps": 1, "num_stages": 1, "BW": 16, "SW": 4}
         assert space.allows({**rec, "BT": 64}, small, CPU_PROPS)
         assert not space.allows({**rec, "BT": 32}, small, CPU_PROPS)
         assert space.allows({**tc8, "BV": 16, "BT": 32}, small, CPU_PROPS)
+        # SW (warps of tc's serial passes) is a tc knob: one point for the other families
+        assert space.params["SW"] == (2, 4, 8)
+        assert space.allows({**tc8, "BV": 16, "BT": 64, "BW": 16, "SW": 2}, small, CPU_PROPS)
+        assert space.allows({**rec, "BT": 64, "BW": 16, "SW": 4}, small, CPU_PROPS)
+        assert not space.allows({**rec, "BT": 64, "BW": 16, "SW": 2}, small, CPU_PROPS)
+        assert not space.allows({**rec, "BT": 64, "BW": 32, "SW": 4}, small, CPU_PROPS)
 
 
 def test_tune_a_real_op_under_the_interpreter_and_the_op_uses_it(cache):

@@ -147,6 +147,28 @@ def test_wkv6_tc_state_passing_and_checkpoints(device):
     assert compare("ht", s2, ht, budget=1e-5).passed
 
 
+def test_wkv6_tc_serial_pass_width_and_warps(device):
+    """The serial state / cotangent passes' V-block (BW) and warps (SW) change nothing but
+    speed: same outputs, state and gradients as the default tc config."""
+    x = op.make_inputs(1, 40, 1, 16, 32, dtype=torch.float16, device=device, decay="mixed",
+                       initial_state=True, seed=9)  # fmt: skip
+    args, h0 = [x[n] for n in NAMES], x["initial_state"]
+    base = {"MODE": "tc"}
+    o, ht, ck = launch.wkv6_fwd(*args, 1.0, h0, True, base)
+    grads = launch.wkv6_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, base)
+    for cfg in ({**base, "BW": 32, "SW": 2}, {**base, "BW": 64, "SW": 4}):
+        o2, ht2, ck2 = launch.wkv6_fwd(*args, 1.0, h0, True, cfg)
+        torch.testing.assert_close(o2, o, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(ht2, ht, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ck2, ck, rtol=1e-5, atol=1e-6)
+        for g2, g in zip(
+            launch.wkv6_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, cfg), grads, strict=True
+        ):
+            torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="SW"):
+        launch.wkv6_fwd(*args, 1.0, h0, False, {**base, "SW": 3})
+
+
 def test_wkv6_tc_dw_stays_fp32_exact_under_strong_decay(device):
     """Under strong decay dw is dominated by terms one step apart (factor exp(w) of that step);
     the tc backward must take that factor as exp(w) itself, not as exp of a difference of
@@ -199,6 +221,15 @@ def test_wkv6_forced_mode_reaches_the_public_op(device, monkeypatch):
     )
     with pytest.raises(ValueError, match="MODE"):
         with _rwkv_common.forced_mode("wkv6", "fast"):
+            pass
+    # overrides go on top of the forced family's default, per direction; an explicit key wins
+    with _rwkv_common.forced_mode("wkv6", "tc", BW=32, SW=2, CHUNK=16):
+        fwd = resolve("wkv6", "fwd", None, dtype=torch.float16, **kw)
+        bwd = resolve("wkv6", "bwd", {"SW": 4}, dtype=torch.float16, **kw)
+    assert (fwd["MODE"], fwd["BW"], fwd["SW"], bwd["BW"], bwd["SW"]) == ("tc", 32, 2, 32, 4)
+    assert "CHUNK" not in bwd
+    with pytest.raises(ValueError, match="unknown config keys"):
+        with _rwkv_common.forced_mode("wkv6", "tc", BLOCK=3):
             pass
 
 

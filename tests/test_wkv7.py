@@ -165,6 +165,28 @@ def test_wkv7_tc_state_passing_and_checkpoints(device):
         launch.wkv7_fwd(*args, 1.0, None, True, {**tc, "CHUNK": 32})
 
 
+def test_wkv7_tc_serial_pass_width_and_warps(device):
+    """The serial state / cotangent passes' V-block (BW) and warps (SW) change nothing but
+    speed: same outputs, state and gradients as the default tc config."""
+    x = op.make_inputs(1, 40, 1, 16, 32, dtype=torch.float16, device=device, decay="mixed",
+                       initial_state=True, seed=9)  # fmt: skip
+    args, h0 = [x[n] for n in NAMES], x["initial_state"]
+    base = {"MODE": "tc"}
+    o, ht, ck = launch.wkv7_fwd(*args, 1.0, h0, True, base)
+    grads = launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, base)
+    for cfg in ({**base, "BW": 32, "SW": 2}, {**base, "BW": 64, "SW": 4}):
+        o2, ht2, ck2 = launch.wkv7_fwd(*args, 1.0, h0, True, cfg)
+        torch.testing.assert_close(o2, o, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(ht2, ht, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ck2, ck, rtol=1e-5, atol=1e-6)
+        for g2, g in zip(
+            launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, cfg), grads, strict=True
+        ):
+            torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="SW"):
+        launch.wkv7_fwd(*args, 1.0, h0, False, {**base, "SW": 3})
+
+
 def test_wkv7_no_grad_returns_none_state_and_stores_no_checkpoints(device, monkeypatch):
     x = op.make_inputs(1, 10, 2, 16, device=device, seed=2)
     seen = []

@@ -241,8 +241,10 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps) -> bool:
         bk, bv, nw = next_pow2(s["K"]), c["BV"], c["num_warps"]
-        if c["MODE"] == "recurrent" and c.get("BT", 64) != 64:
-            return False  # BT (chunk steps) means nothing to the recurrent kernels: one point
+        if c["MODE"] == "recurrent" and (c.get("BT", 64) != 64 or c.get("BW", 16) != 16):
+            return False  # BT, BW (chunk steps, columns) mean nothing to recurrent: one point
+        if c["MODE"] != "tc" and c.get("SW", 4) != 4:
+            return False  # SW (warps of tc's serial passes) is tc's alone: one point
         if c["MODE"] == "tc":
             # the pair tiles live in registers whatever BV is: ptxas decides; only tl.dot's
             # minimum and the thread limit are known up front
@@ -267,6 +269,11 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
             # steps per chunk of the chunked / tc kernels (tc: also the interval of its serial
             # state passes, 64 by default)
             params["BT"] = (32, 64, 128)
+            # chunked: columns per program of the chunk transition; tc: the V-block of the
+            # serial state / cotangent passes, and their warps
+            params["BW"] = tuple(b for b in (16, 32, 64) if b <= max(16, top))
+        if "tc" in modes:
+            params["SW"] = (2, 4, 8)
         return Space(params, ok)
 
     return space

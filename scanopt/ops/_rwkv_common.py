@@ -44,8 +44,8 @@ def cdiv(x: int, y: int) -> int:
 
 #: the keys every launch config holds, per direction (the tuner's search space is over these)
 CONFIG_KEYS = {
-    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
-    "bwd": ("MODE", "BT", "BV", "BW", "PF", "num_warps", "num_stages"),
+    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "SW", "PF", "num_warps", "num_stages"),
+    "bwd": ("MODE", "BT", "BV", "BW", "SW", "PF", "num_warps", "num_stages"),
 }
 MODES = ("recurrent", "chunked", "tc")
 #: tl.dot input precision of the tensor-core ("tc") kernels: 3-pass tf32 (about fp32). One-pass
@@ -103,6 +103,8 @@ def default_config(
       so opt-in; WKV-6's rework of 2026-12-07 is verified on the CPU only.
     - ``BW`` (chunked): columns per program of the chunk-transition kernel; (tc) the V-block of
       the serial state / cotangent passes.
+    - ``SW`` (tc): warps of the serial state / cotangent passes (``num_warps`` is the parallel
+      kernels'): their tiles are ``[K, BW]``, much smaller than the block kernels'.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -136,6 +138,8 @@ def default_config(
             # at BV = 64 (76 / 0 at 32); WKV-7's output kernel none. Timing decides (tuner).
             "BV": min(max(next_pow2(V), 16), 64),
             "BW": 16,
+            # not yet timed apart from num_warps (the serial passes ran at 8 until 2026-12-07)
+            "SW": 8,
             "PF": 1,
             "num_warps": 8,  # sm_90, K = V = 64: 4 warps spill 0.2-1.3 KB per thread
             "num_stages": 2,
@@ -160,6 +164,7 @@ def default_config(
         "BT": 64,
         "BV": BV,
         "BW": 16,
+        "SW": num_warps,  # tc only
         "PF": 4 if direction == "fwd" else 2,
         "num_warps": num_warps,
         "num_stages": 1,
@@ -171,21 +176,25 @@ def default_config(
 
 #: resolve_config's cache (also cleared by ``scanopt.autotune.store.clear_cache``)
 _RESOLVED: dict[tuple, dict] = {}
-#: op -> MODE the launches default to inside :func:`forced_mode`
-_FORCED: dict[str, str] = {}
+#: op -> (MODE, config overrides) the launches default to inside :func:`forced_mode`
+_FORCED: dict[str, tuple[str, dict]] = {}
 
 
 @contextlib.contextmanager
-def forced_mode(op: str, mode: str) -> Iterator[None]:
+def forced_mode(op: str, mode: str, **overrides: int) -> Iterator[None]:
     """Inside the block, launches of ``op`` (``"wkv6"`` / ``"wkv7"``) that do not name a
     ``MODE`` use ``mode`` in both directions, where the dtype allows it (``"tc"`` skips fp32
     inputs), instead of the default or tuned one: how ``scanopt bench`` times one kernel family
-    through the public op. Not thread-safe; the resolved-config cache is dropped on entry and
-    exit."""
+    through the public op. ``overrides`` (config keys, e.g. ``BW=32``) go on top of that family's
+    default config in both directions. Not thread-safe; the resolved-config cache is dropped on
+    entry and exit."""
     if mode not in MODES:
         raise ValueError(f"{op}: MODE must be one of {MODES}, got {mode!r}")
+    unknown = set(overrides) - set(CONFIG_KEYS["fwd"]) - set(CONFIG_KEYS["bwd"])
+    if unknown:
+        raise ValueError(f"{op}: unknown config keys {sorted(unknown)}")
     before = _FORCED.get(op)
-    _FORCED[op] = mode
+    _FORCED[op] = (mode, overrides)
     _RESOLVED.clear()
     try:
         yield
@@ -236,9 +245,12 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
 
     register_launch_cache(_RESOLVED)
     mode = (config or {}).get("MODE")
-    forced = _FORCED.get(op)
+    forced, overrides = _FORCED.get(op, (None, {}))
     if mode is None and forced is not None and mode_applies(forced, dtype):
-        mode, config = forced, {**(config or {}), "MODE": forced}
+        keys = CONFIG_KEYS.get(direction, ())
+        mode = forced
+        config = {**{k: v for k, v in overrides.items() if k in keys}, **(config or {})}
+        config["MODE"] = forced
     if mode is not None and mode not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
     cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode, op=op)
@@ -259,7 +271,9 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
         cfg.update(config)
     if not 1 <= cfg["PF"] <= 16:
         raise ValueError(f"{op} {direction} config: PF must be in 1..16, got {cfg}")
-    for key in ("BV", "CHUNK", "BT", "BW"):
+    if not 1 <= cfg["SW"] <= 16:
+        raise ValueError(f"{op} {direction} config: SW must be in 1..16, got {cfg}")
+    for key in ("BV", "CHUNK", "BT", "BW", "SW"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
     if cfg["MODE"] not in MODES:

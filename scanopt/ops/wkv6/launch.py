@@ -112,9 +112,10 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     hbuf = torch.empty((B, H, cdiv(T, BT), K, V), dtype=torch.float32, device=r.device)
     prec = TC_PRECISION[r.dtype]
     opts = _launch_opts(cfg)
+    serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
     kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
         k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
-        BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **opts,
+        BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
     )  # fmt: skip
     kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
         r, k, v, w, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
@@ -177,13 +178,14 @@ def wkv6_bwd(
         NS = cdiv(T, CKPT_CHUNK)
         prec = TC_PRECISION[r.dtype]
         opts = _launch_opts(cfg)
+        serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
         # chunk-end cotangents every BT steps (serial); each 16-step block program carries its
         # chunk's back over the chunk's later rows itself
         dbuf = torch.empty((B, H, cdiv(T, cfg["BT"]), K, V), dtype=torch.float32, device=device)
         kernels.wkv6_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
             r, w, do, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
             BK=max(16, BK), BV=cfg["BW"], BS=cfg["BT"], HAS_DHT=dht is not None,
-            HAS_H0=h0 is not None, PREC=prec, **opts,
+            HAS_H0=h0 is not None, PREC=prec, **serial_opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
         kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
