@@ -120,6 +120,49 @@ def test_wkv7_tc_odd_heads(device, force_rwkv_mode, T, K, V, decay):
     op.check_case(x, f"tc-K{K}-V{V}", scale=0.6).assert_ok()
 
 
+def _blockwise_decay(x, strong_block=1):
+    """One 16-step block gets a strong decay in one key channel: that block's total decay is past
+    ``FACTOR_LIMIT`` (the exact pairwise path), the other blocks stay factored."""
+    w = x["w"].float().clone()
+    w[:, 16 * strong_block : 16 * (strong_block + 1), :, 0] = -18.0
+    x["w"] = w.to(x["w"].dtype)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decay", ["rwkv7", "weak", "blockwise"])
+def test_wkv7_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, decay):
+    """With a bf16 / fp16 w the tc kernels take the pair factors as tensor-core products in
+    every block whose total decay is bounded; "blockwise" mixes such blocks with one that takes
+    the exact pairwise path, in the forward and the backward."""
+    force_rwkv_mode("tc")
+    x = op.make_inputs(1, 50, 2, 16, dtype=dtype, device=device, w_dtype=dtype, seed=11,
+                       decay="rwkv7" if decay == "blockwise" else decay, initial_state=True)  # fmt: skip
+    if decay == "blockwise":
+        _blockwise_decay(x)
+    op.check_case(x, f"tc-factored-{decay}-{dtype}").assert_ok()
+
+
+def test_wkv7_tc_factored_pairs_agree_with_the_exact_path(device):
+    """Same inputs through the factored path (fp16 w) and the exact pairwise path (the same w
+    in fp32): outputs, state, checkpoints and every gradient agree to fp16 rounding. Sharper
+    than the reference test: a wrong mask or factor in one path is an O(1) difference."""
+    x = op.make_inputs(1, 50, 1, 16, 32, dtype=torch.float16, device=device, decay="rwkv7",
+                       w_dtype=torch.float16, initial_state=True, seed=12)  # fmt: skip
+    _blockwise_decay(x, strong_block=2)
+    h0, cfg = x["initial_state"], {"MODE": "tc"}
+    runs = []
+    for w in (x["w"], x["w"].float()):
+        args = [w if n == "w" else x[n] for n in NAMES]
+        o, ht, ck = launch.wkv7_fwd(*args, 1.0, h0, True, cfg)
+        grads = launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, cfg)
+        runs.append({"o": o, "ht": ht, "ck": ck, **dict(zip([*NAMES, "h0"], grads, strict=True))})
+    for name, got in runs[0].items():
+        want = runs[1][name]
+        err = float((got.float() - want.float()).norm() / want.float().norm())
+        assert err < 2e-3, (name, err)
+
+
 def test_wkv7_tc_dw_stays_fp32_exact_under_strong_decay(device):
     """As WKV-6's test: the one-step factors of dw's dominant terms are exp(w) itself (measured
     dw error 2.6e-7, against 8.8e-7 with exp of cumulative-sum differences)."""

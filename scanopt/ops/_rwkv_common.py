@@ -63,6 +63,23 @@ def block_precision(r: torch.Tensor, w: torch.Tensor) -> str:
     return "tf32" if r.dtype == w.dtype == torch.bfloat16 else TC_PRECISION[r.dtype]
 
 
+def factor_pairs(w: torch.Tensor) -> bool:
+    """Whether the tc kernels may take a block's pair factors exp(g_t - g_j) as products
+    exp(g_t) exp(-g_j) (tensor-core products instead of [16, 16, K] tiles of exponentials) in
+    blocks whose total decay is bounded (``_tc_helpers.FACTOR_LIMIT``): for a bf16 / fp16 ``w``.
+    An fp32 ``w`` keeps the exact pairwise path everywhere: its dw has fp32 limits, and the
+    products carry ~|g| 2^-24 of relative error in the one-step factors that dominate dw under
+    strong decay."""
+    return w.dtype != torch.float32
+
+
+def block_paths(w: torch.Tensor) -> tuple[int, ...]:
+    """The ``PATH`` values to launch a tc block kernel with (one launch each; a block runs in
+    exactly one): 1 (bounded-decay blocks, factored pairs) and 2 (the others, exact pairs) where
+    :func:`factor_pairs` allows, else 0 (every block, exact pairs)."""
+    return (1, 2) if factor_pairs(w) else (0,)
+
+
 def mode_applies(mode: str, dtype: torch.dtype) -> bool:
     """False for the tensor-core kernels on fp32 inputs (their log-space exponents are not
     fp32-exact); every other family takes every dtype."""

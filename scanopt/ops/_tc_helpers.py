@@ -60,3 +60,55 @@ def unit_lower_inverse(L, N: tl.constexpr):
     p = tl.dot(p, p, input_precision="ieee")  # L^8
     inv = tl.dot(inv, eye + p, input_precision="ieee")
     return inv
+
+
+#: largest total log decay of one 16-step block (over every key channel) for which the tc
+#: kernels factor the pair factors exp(g_t - g_j) as exp(g_t) * exp(-g_j) (g from the block
+#: start, so exp(g) <= 1 and exp(-g) <= e^60 ~ 1e26, with 1e12 of fp32 range to spare for the
+#: values they scale). RWKV-LM's RWKV-7 clamp gives at most 16 * 0.607 = 9.7; blocks past it
+#: take the exact pairwise path.
+FACTOR_LIMIT = tl.constexpr(60.0)
+
+
+@triton.jit
+def block_decay(g, N: tl.constexpr):
+    """The block's total log decay in its most-decaying key channel, from its inclusive log
+    decays ``g`` ([N, *], non-increasing down the rows, 0 at the block start)."""
+    return tl.min(last_row(g, N), axis=0)
+
+
+@triton.jit
+def factor_safe(g, N: tl.constexpr):
+    """True when the block's total decay stays above ``-FACTOR_LIMIT`` in every key channel:
+    its pair factors may be taken as products exp(g_t) exp(-g_j)."""
+    return block_decay(g, N) >= -FACTOR_LIMIT
+
+
+@triton.jit
+def other_path(total, PATH: tl.constexpr):
+    """Whether a block of total log decay ``total`` belongs to the other launch of a block
+    kernel: ``PATH`` 1 takes the blocks with bounded decay (factored pairs), 2 the rest (exact
+    pairs), 0 (an fp32 ``w``) every block. One path per compiled kernel keeps the registers of
+    the other out of it."""
+    if PATH == 1:
+        return total < -FACTOR_LIMIT
+    elif PATH == 2:
+        return total >= -FACTOR_LIMIT
+    else:
+        return False
+
+
+@triton.jit
+def decayed_pairs(x, gx, y, gy, mask, FACTORED: tl.constexpr, PREC: tl.constexpr):
+    """``A[t, j] = sum_k x[t, k] y[j, k] exp(gx[t, k] - gy[j, k])`` where ``mask[t, j]``, else 0,
+    for ``[N, BK]`` tiles (N = 16). ``mask`` may only select pairs with ``gx[t] <= gy[j]``
+    (every factor <= 1). ``FACTORED`` (blocks whose decay passes :func:`factor_safe`): one
+    tensor-core product of ``x * exp(gx)`` and ``y * exp(-gy)``; otherwise one ``[N, N, BK]``
+    tile of exponentials of the differences (any decay)."""
+    if FACTORED:
+        A = tl.dot(x * tl.exp(gx), tl.trans(y * tl.exp(-gy)), input_precision=PREC)
+        A = tl.where(mask, A, 0.0)
+    else:
+        f = tl.exp(tl.where(mask[:, :, None], gx[:, None, :] - gy[None, :, :], float("-inf")))
+        A = tl.sum(x[:, None, :] * y[None, :, :] * f, axis=2)
+    return A

@@ -36,7 +36,14 @@ Kernel families (config ``MODE``; same 16-step checkpoints as wkv7):
 import triton
 import triton.language as tl
 
-from scanopt.ops._tc_helpers import decay_to_end, last_row, next_rows, prev_rows
+from scanopt.ops._tc_helpers import (
+    decay_to_end,
+    factor_safe,
+    last_row,
+    next_rows,
+    other_path,
+    prev_rows,
+)
 
 # ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
 # (forward 15, recompute 14, adjoint 31, chunk adjoint 25)
@@ -771,6 +778,7 @@ def wkv6_tc_out_kernel(
     BC: tl.constexpr,
     CK: tl.constexpr,
     STORE_CKPT: tl.constexpr,
+    FACTOR: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
@@ -847,14 +855,25 @@ def wkv6_tc_out_kernel(
         # this sub-chunk, exactly, one key column j at a time ([BC, BK] tiles):
         # A[i, j] = sum_k q_i k_j exp(e_i - g_j) for j < i, plus the bonus on the diagonal
         b_Ad = tl.where(diag, tl.sum(b_q * b_u[None, :] * b_ka, axis=1)[:, None], 0.0)
-        for j in range(0, BC - 1):
-            row_j = (o_i == j)[:, None]  # [BC, 1]
-            b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
-            b_kj = tl.sum(tl.where(row_j, b_ka, 0.0), axis=0)
-            b_x = tl.exp(tl.where((o_i > j)[:, None], b_e - b_gj[None, :], float("-inf")))
+        fac = False
+        if FACTOR:
+            fac = factor_safe(b_g - b_ea0[None, :], BC)
+        if fac:
+            # bounded decay over the sub-chunk: the factors as products (one tensor-core dot)
+            b_qe = b_q * tl.exp(b_e - b_ea0[None, :])  # [BC, BK]
+            b_kn = b_ka * tl.exp(b_ea0[None, :] - b_g)
             b_Ad += tl.where(
-                (o_i == j)[None, :], tl.sum(b_q * b_x * b_kj[None, :], 1)[:, None], 0.0
+                o_i[:, None] > o_i[None, :], tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0
             )
+        else:
+            for j in range(0, BC - 1):
+                row_j = (o_i == j)[:, None]  # [BC, 1]
+                b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
+                b_kj = tl.sum(tl.where(row_j, b_ka, 0.0), axis=0)
+                b_x = tl.exp(tl.where((o_i > j)[:, None], b_e - b_gj[None, :], float("-inf")))
+                b_Ad += tl.where(
+                    (o_i == j)[None, :], tl.sum(b_q * b_x * b_kj[None, :], 1)[:, None], 0.0
+                )
         b_o += tl.dot(b_Ad, b_va, input_precision=PREC)
         tl.store(
             o + base_v + (a * BC + o_i[:, None]) * HV + o_v[None, :],
@@ -989,6 +1008,7 @@ def wkv6_tc_bwd_kernel(
     BV: tl.constexpr,
     BC: tl.constexpr,
     BT: tl.constexpr,
+    PATH: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
@@ -1018,6 +1038,13 @@ def wkv6_tc_bwd_kernel(
 
     o_h = o_k[:, None] * V + o_v[None, :]
     m_h = m_k[:, None] & m_v[None, :]
+
+    # PATH 1 takes the blocks whose total decay is bounded (pair factors as products on tensor
+    # cores), PATH 2 the others (one key column at a time), PATH 0 every block (see other_path)
+    if PATH != 0:
+        b_wt = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+        if other_path(tl.min(tl.sum(b_wt, axis=0), axis=0), PATH):
+            return
 
     # D_s: the chunk-end cotangent carried back over the chunk's rows after this block
     b_D = tl.load(dbuf + (i_bh * NC + t0 // BT) * K * V + o_h, mask=m_h, other=0.0)
@@ -1074,20 +1101,30 @@ def wkv6_tc_bwd_kernel(
     b_dqf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_j M[t, j] X[t, j] k_j
     b_dkf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_t M[t, j] X[t, j] q_t
     b_A = tl.zeros([BC, BC], dtype=tl.float32)  # the forward's A over far pairs
-    for j in range(0, BC - 2):
-        row_j = (o_i == j)[:, None]  # [BC, 1]
-        col_j = (o_i == j)[None, :]  # [1, BC]
-        b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
-        b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
-        b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
-        b_x = tl.exp(tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf")))
-        # one step apart (t = j + 2): that step's exp(w) itself (see decay_to_end)
-        b_ewj = tl.sum(tl.where((o_i == j + 1)[:, None], b_ew, 0.0), axis=0)
-        b_x = tl.where((o_i == j + 2)[:, None], b_ewj[None, :], b_x)
-        b_qx = b_q * b_x  # [BC, BK]
-        b_dqf += b_Mj[:, None] * b_kj[None, :] * b_x
-        b_dkf += tl.where(row_j, tl.sum(b_Mj[:, None] * b_qx, axis=0)[None, :], 0.0)
-        b_A += tl.where(col_j, tl.sum(b_qx * b_kj[None, :], axis=1)[:, None], 0.0)
+    if PATH == 1:
+        # bounded decay over the block: X[t, j] = exp(e_t) exp(-g_j), three tensor-core dots
+        far = o_i[:, None] > o_i[None, :] + 1  # [t, j]: j < t - 1
+        b_Mf = tl.where(far, b_M, 0.0)
+        b_kn = b_k * tl.exp(-b_g)  # [BC, BK]
+        b_qe = b_q * b_eg
+        b_dqf = b_eg * tl.dot(b_Mf, b_kn, input_precision=PREC)
+        b_dkf = tl.exp(-b_g) * tl.dot(tl.trans(b_Mf), b_qe, input_precision=PREC)
+        b_A = tl.where(far, tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0)
+    else:
+        for j in range(0, BC - 2):
+            row_j = (o_i == j)[:, None]  # [BC, 1]
+            col_j = (o_i == j)[None, :]  # [1, BC]
+            b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
+            b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
+            b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
+            b_x = tl.exp(tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf")))
+            # one step apart (t = j + 2): that step's exp(w) itself (see decay_to_end)
+            b_ewj = tl.sum(tl.where((o_i == j + 1)[:, None], b_ew, 0.0), axis=0)
+            b_x = tl.where((o_i == j + 2)[:, None], b_ewj[None, :], b_x)
+            b_qx = b_q * b_x  # [BC, BK]
+            b_dqf += b_Mj[:, None] * b_kj[None, :] * b_x
+            b_dkf += tl.where(row_j, tl.sum(b_Mj[:, None] * b_qx, axis=0)[None, :], 0.0)
+            b_A += tl.where(col_j, tl.sum(b_qx * b_kj[None, :], axis=1)[:, None], 0.0)
     b_dq = b_eg * b_Hdo + b_dqf + tl.sum(b_Madj, axis=1)[:, None] * b_kp
     b_dq += b_u[None, :] * b_k * b_c[:, None]
     b_dk = b_lg * b_Dv + b_dkf + tl.sum(b_Madj, axis=0)[:, None] * b_qn

@@ -19,8 +19,10 @@ from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
     TC_PRECISION,
+    block_paths,
     block_precision,
     cdiv,
+    factor_pairs,
     next_pow2,
     resolve_config,
 )
@@ -120,7 +122,7 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
         r, k, v, w, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BT=BT, BC=16, CK=cfg["CHUNK"], STORE_CKPT=store_ckpt,
-        PREC=block_precision(r, w), **opts,
+        FACTOR=factor_pairs(w), PREC=block_precision(r, w), **opts,
     )  # fmt: skip
     return o, ht, ckpt
 
@@ -188,12 +190,13 @@ def wkv6_bwd(
             HAS_H0=h0 is not None, PREC=prec, **serial_opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
-        kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
-            r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
-            B * T * H * K if NV > 1 else 0,
-            BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PREC=block_precision(r, w),
-            **opts,
-        )  # fmt: skip
+        for path in block_paths(w):
+            kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
+                r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
+                B * T * H * K if NV > 1 else 0,
+                BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PATH=path,
+                PREC=block_precision(r, w), **opts,
+            )  # fmt: skip
         du = du.flatten(0, 1)
     elif not chunked:
         du = empty((NV, B, H, K), torch.float32, device)

@@ -48,9 +48,12 @@ import triton
 import triton.language as tl
 
 from scanopt.ops._tc_helpers import (
+    block_decay,
     decay_to_end,
+    decayed_pairs,
     last_row,
     next_rows,
+    other_path,
     prev_rows,
     unit_lower_inverse,
 )
@@ -762,6 +765,8 @@ def wkv7_tc_prep_kernel(
     K,
     BK: tl.constexpr,
     BC: tl.constexpr,
+    PATH: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -780,10 +785,11 @@ def wkv7_tc_prep_kernel(
 
     b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
     b_e = prev_rows(b_g, BC)
-    later = (o_i[:, None] > o_i[None, :])[:, :, None]  # [BC, BC, 1]: j < t
-    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))  # [t, j, BK]
-    b_Aab = tl.sum(b_a[:, None, :] * b_b[None, :, :] * b_X, axis=2)  # [BC, BC]
-    b_Aak = tl.sum(b_a[:, None, :] * b_k[None, :, :] * b_X, axis=2)
+    if other_path(block_decay(b_g, BC), PATH):
+        return  # the other launch's block
+    later = o_i[:, None] > o_i[None, :]  # [BC, BC]: j < t, factor X[t, j] = exp(e_t - g_j)
+    b_Aab = decayed_pairs(b_a, b_e, b_b, b_g, later, PATH == 1, PREC)  # [BC, BC]
+    b_Aak = decayed_pairs(b_a, b_e, b_k, b_g, later, PATH == 1, PREC)
     b_inv = unit_lower_inverse(b_Aab, BC)
     b_aw = tl.dot(b_inv, b_a * tl.exp(b_e), input_precision="ieee")  # [BC, BK]
     b_wk = tl.dot(b_inv, b_Aak, input_precision="ieee")  # [BC, BC]
@@ -876,6 +882,7 @@ def wkv7_tc_out_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     BC: tl.constexpr,
+    PATH: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
@@ -912,10 +919,11 @@ def wkv7_tc_out_kernel(
     b_wk = tl.load(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
 
     b_g = tl.cumsum(b_w, axis=0)
-    upto = (o_i[:, None] >= o_i[None, :])[:, :, None]  # [BC, BC, 1]: j <= t
-    b_Y = tl.exp(tl.where(upto, b_g[:, None, :] - b_g[None, :, :], float("-inf")))  # [t, j, BK]
-    b_Aqb = tl.sum(b_q[:, None, :] * b_b[None, :, :] * b_Y, axis=2)  # [BC, BC]
-    b_Aqk = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_Y, axis=2)
+    if other_path(block_decay(b_g, BC), PATH):
+        return  # the other launch's block
+    upto = o_i[:, None] >= o_i[None, :]  # [BC, BC]: j <= t, factor Y[t, j] = exp(g_t - g_j)
+    b_Aqb = decayed_pairs(b_q, b_g, b_b, b_g, upto, PATH == 1, PREC)  # [BC, BC]
+    b_Aqk = decayed_pairs(b_q, b_g, b_k, b_g, upto, PATH == 1, PREC)
     b_sa = tl.dot(b_aw, b_h, input_precision=PREC) + tl.dot(b_wk, b_v, input_precision=PREC)
     b_o = tl.dot(b_q * tl.exp(b_g), b_h, input_precision=PREC)
     b_o += tl.dot(b_Aqb, b_sa, input_precision=PREC)
@@ -949,6 +957,8 @@ def wkv7_tc_bprep_kernel(
     K,
     BK: tl.constexpr,
     BC: tl.constexpr,
+    PATH: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     i_s = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -967,12 +977,10 @@ def wkv7_tc_bprep_kernel(
 
     b_g = tl.cumsum(b_w, axis=0)
     b_e = prev_rows(b_g, BC)
-    later = (o_i[:, None] > o_i[None, :])[:, :, None]
-    upto = (o_i[:, None] >= o_i[None, :])[:, :, None]
-    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
-    b_Aab = tl.sum(b_a[:, None, :] * b_b[None, :, :] * b_X, axis=2)
-    b_Y = tl.exp(tl.where(upto, b_g[:, None, :] - b_g[None, :, :], float("-inf")))
-    b_Aqb = tl.sum(b_q[:, None, :] * b_b[None, :, :] * b_Y, axis=2)
+    if other_path(block_decay(b_g, BC), PATH):
+        return  # the other launch's block
+    b_Aab = decayed_pairs(b_a, b_e, b_b, b_g, o_i[:, None] > o_i[None, :], PATH == 1, PREC)
+    b_Aqb = decayed_pairs(b_q, b_g, b_b, b_g, o_i[:, None] >= o_i[None, :], PATH == 1, PREC)
     b_inv = unit_lower_inverse(b_Aab, BC)
     b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
     b_z1 = tl.dot(tl.trans(b_inv), tl.trans(b_Aqb), input_precision="ieee")  # [BC, BC]
@@ -1056,21 +1064,6 @@ def _tc_block_cols(x, p_x, m_x):
     return tl.load(x + p_x, mask=m_x, other=0.0).to(tl.float32)
 
 
-@triton.jit
-def _tc_decays(b_w, BC: tl.constexpr):
-    """Inclusive / exclusive log decays from the block start, and the pair factor tiles
-    X[t, j] = exp(e_t - g_j) (j < t), Y[t, j] = exp(g_t - g_j) = X[t, j] exp(w_t) (j < t, 1 at
-    j = t) of a [BC, BKC] slice: one [BC, BC, BKC] tile of exponentials."""
-    o_i = tl.arange(0, BC)
-    b_g = tl.cumsum(b_w, axis=0)
-    b_e = prev_rows(b_g, BC)
-    later = (o_i[:, None] > o_i[None, :])[:, :, None]
-    b_X = tl.exp(tl.where(later, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
-    diag = (o_i[:, None] == o_i[None, :])[:, :, None]
-    b_Y = tl.where(diag, 1.0, b_X * tl.exp(b_w)[:, None, :])
-    return b_g, b_e, b_X, b_Y
-
-
 @triton.jit(do_not_specialize=["T", "part_stride"])
 def wkv7_tc_bwd_kernel(
     r,  # [B, T, H, K]
@@ -1098,6 +1091,7 @@ def wkv7_tc_bwd_kernel(
     BKC: tl.constexpr,
     BV: tl.constexpr,
     BC: tl.constexpr,
+    PATH: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # Two passes over K in slices of BKC (the [BC, BC, BKC] pair tiles of the whole K spill):
@@ -1121,6 +1115,21 @@ def wkv7_tc_bwd_kernel(
     b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
     b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
 
+    # PATH 1: the pair factors as products exp(g_t) exp(-g_j) (tensor cores), for the blocks
+    # whose total decay is bounded in every key channel; PATH 2: the other blocks, with
+    # [BC, BC, BKC] tiles of exponentials (see other_path)
+    if PATH != 0:
+        b_gmin = tl.zeros([BKC], dtype=tl.float32)
+        for kc in range(0, BK // BKC):
+            o_k = kc * BKC + o_c
+            m_x = m_t[:, None] & (o_k < K)[None, :]
+            p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
+            b_gmin = tl.minimum(b_gmin, tl.sum(_tc_block_cols(w, p_x, m_x), axis=0))
+        if other_path(tl.min(b_gmin, axis=0), PATH):
+            return
+    later = o_i[:, None] > o_i[None, :]  # j < t: X[t, j] = exp(e_t - g_j)
+    upto = o_i[:, None] >= o_i[None, :]  # j <= t: Y[t, j] = exp(g_t - g_j)
+
     # pass 1: Aab, Aak, Aqb, Aqk (sums over K) and the state terms of SA and dSA
     b_Aab = tl.zeros([BC, BC], dtype=tl.float32)
     b_Aak = tl.zeros([BC, BC], dtype=tl.float32)
@@ -1137,11 +1146,12 @@ def wkv7_tc_bwd_kernel(
         b_k = _tc_block_cols(k, p_x, m_x)
         b_a = _tc_block_cols(a, p_x, m_x)
         b_b = _tc_block_cols(b, p_x, m_x)
-        b_g, b_e, b_X, b_Y = _tc_decays(_tc_block_cols(w, p_x, m_x), BC)
-        b_Aab += tl.sum(b_a[:, None, :] * b_b[None, :, :] * b_X, axis=2)
-        b_Aak += tl.sum(b_a[:, None, :] * b_k[None, :, :] * b_X, axis=2)
-        b_Aqb += tl.sum(b_q[:, None, :] * b_b[None, :, :] * b_Y, axis=2)
-        b_Aqk += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_Y, axis=2)
+        b_g = tl.cumsum(_tc_block_cols(w, p_x, m_x), axis=0)
+        b_e = prev_rows(b_g, BC)
+        b_Aab += decayed_pairs(b_a, b_e, b_b, b_g, later, PATH == 1, PREC)
+        b_Aak += decayed_pairs(b_a, b_e, b_k, b_g, later, PATH == 1, PREC)
+        b_Aqb += decayed_pairs(b_q, b_g, b_b, b_g, upto, PATH == 1, PREC)
+        b_Aqk += decayed_pairs(b_q, b_g, b_k, b_g, upto, PATH == 1, PREC)
         o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
         m_h = m_k[:, None] & m_v[None, :]
         b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
@@ -1176,6 +1186,11 @@ def wkv7_tc_bwd_kernel(
     nv_row = tl.sum(tl.where(adj2, b_Nv, 0.0), axis=1)
     ns_col = tl.sum(tl.where(adj2, b_Ns, 0.0), axis=0)  # Ns[j + 1, j]
     nv_col = tl.sum(tl.where(adj2, b_Nv, 0.0), axis=0)
+    far2 = o_i[:, None] > o_i[None, :] + 1  # j < t - 1
+    b_Ms_f = tl.where(far2, b_Ms, 0.0)  # the far pairs' weights (factored path)
+    b_Mv_f = tl.where(far2, b_Mv, 0.0)
+    b_Ns_f = tl.where(far2, b_Ns, 0.0)
+    b_Nv_f = tl.where(far2, b_Nv, 0.0)
 
     # pass 2: the K-side gradients, slice by slice
     for kc in range(0, BK // BKC):
@@ -1207,21 +1222,47 @@ def wkv7_tc_bwd_kernel(
         # one [BC, BC, BKC] tile of factors, for the pairs j < t - 1 only; the diagonal
         # (Y = 1) and adjacent (X = 1) pairs are added from [BC] vectors, so that dw's
         # telescoped pair term below only sums terms that carry a decay factor
-        b_Xf = tl.exp(tl.where(far3, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
-        b_Xf = tl.where(step2, prev_rows(b_ew, BC)[:, None, :], b_Xf)  # t = j + 2: exp(w_{t-1})
         b_qw = b_q * b_ew
-        b_Sq = tl.sum(
-            b_Xf * (b_b[None, :, :] * b_Ms[:, :, None] + b_k[None, :, :] * b_Mv[:, :, None]), 1
-        )
-        b_daf = tl.sum(
-            b_Xf * (b_b[None, :, :] * b_Ns[:, :, None] + b_k[None, :, :] * b_Nv[:, :, None]), 1
-        )
-        b_dkp = tl.sum(
-            b_Xf * (b_qw[:, None, :] * b_Mv[:, :, None] + b_a[:, None, :] * b_Nv[:, :, None]), 0
-        )
-        b_dbp = tl.sum(
-            b_Xf * (b_qw[:, None, :] * b_Ms[:, :, None] + b_a[:, None, :] * b_Ns[:, :, None]), 0
-        )
+        if PATH == 1:
+            # X[t, j] = exp(e_t) exp(-g_j): four [BC, BC] x [BC, BKC] products per side
+            b_ng = tl.exp(-b_g)
+            b_bj, b_kj = b_b * b_ng, b_k * b_ng
+            b_qi, b_ai = b_qw * b_eg, b_a * b_eg
+            b_Sq = b_eg * (
+                tl.dot(b_Ms_f, b_bj, input_precision=PREC)
+                + tl.dot(b_Mv_f, b_kj, input_precision=PREC)
+            )
+            b_daf = b_eg * (
+                tl.dot(b_Ns_f, b_bj, input_precision=PREC)
+                + tl.dot(b_Nv_f, b_kj, input_precision=PREC)
+            )
+            b_dkp = b_ng * (
+                tl.dot(tl.trans(b_Mv_f), b_qi, input_precision=PREC)
+                + tl.dot(tl.trans(b_Nv_f), b_ai, input_precision=PREC)
+            )
+            b_dbp = b_ng * (
+                tl.dot(tl.trans(b_Ms_f), b_qi, input_precision=PREC)
+                + tl.dot(tl.trans(b_Ns_f), b_ai, input_precision=PREC)
+            )
+        else:
+            b_Xf = tl.exp(tl.where(far3, b_e[:, None, :] - b_g[None, :, :], float("-inf")))
+            b_Xf = tl.where(step2, prev_rows(b_ew, BC)[:, None, :], b_Xf)  # t = j + 2: exp(w_{t-1})
+            b_Sq = tl.sum(
+                b_Xf * (b_b[None, :, :] * b_Ms[:, :, None] + b_k[None, :, :] * b_Mv[:, :, None]),
+                1,
+            )
+            b_daf = tl.sum(
+                b_Xf * (b_b[None, :, :] * b_Ns[:, :, None] + b_k[None, :, :] * b_Nv[:, :, None]),
+                1,
+            )
+            b_dkp = tl.sum(
+                b_Xf * (b_qw[:, None, :] * b_Mv[:, :, None] + b_a[:, None, :] * b_Nv[:, :, None]),
+                0,
+            )
+            b_dbp = tl.sum(
+                b_Xf * (b_qw[:, None, :] * b_Ms[:, :, None] + b_a[:, None, :] * b_Ns[:, :, None]),
+                0,
+            )
         b_bp = prev_rows(b_b, BC)  # [BC, BKC] b_{t-1}
         b_kp = prev_rows(b_k, BC)
         b_an = next_rows(b_a, BC)  # a_{j+1}

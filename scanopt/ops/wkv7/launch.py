@@ -19,6 +19,7 @@ from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
     TC_PRECISION,
+    block_paths,
     block_precision,
     cdiv,
     next_pow2,
@@ -117,17 +118,19 @@ def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     prec = TC_PRECISION[r.dtype]
     opts = _launch_opts(cfg)
     serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
-    kernels.wkv7_tc_prep_kernel[(NS, B * H)](
-        w, k, a, b, aw, wk, T, H, K, BK=BK, BC=CKPT_CHUNK, **opts
-    )
+    for path in block_paths(w):
+        kernels.wkv7_tc_prep_kernel[(NS, B * H)](
+            w, k, a, b, aw, wk, T, H, K, BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
+        )  # fmt: skip
     kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
         w, k, v, b, aw, wk, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
     )  # fmt: skip
-    kernels.wkv7_tc_out_kernel[(NS, cdiv(V, cfg["BV"]), B * H)](
-        r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
-        BK=BK, BV=cfg["BV"], BC=CKPT_CHUNK, PREC=prec, **opts,
-    )  # fmt: skip
+    for path in block_paths(w):
+        kernels.wkv7_tc_out_kernel[(NS, cdiv(V, cfg["BV"]), B * H)](
+            r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
+            BK=BK, BV=cfg["BV"], BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
+        )  # fmt: skip
     return o, ht, ckpt
 
 
@@ -188,20 +191,24 @@ def wkv7_bwd(
         serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
         z1 = torch.empty((B, H, NS, CKPT_CHUNK, CKPT_CHUNK), dtype=torch.float32, device=device)
         z2 = torch.empty((B, H, NS, CKPT_CHUNK, K), dtype=torch.float32, device=device)
-        kernels.wkv7_tc_bprep_kernel[(NS, B * H)](
-            r, w, a, b, z1, z2, scale, T, H, K, BK=BK, BC=CKPT_CHUNK, **opts
-        )
+        for path in block_paths(w):
+            kernels.wkv7_tc_bprep_kernel[(NS, B * H)](
+                r, w, a, b, z1, z2, scale, T, H, K,
+                BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
+            )  # fmt: skip
         dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
         kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
             r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
             BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
             PREC=prec, **serial_opts,
         )  # fmt: skip
-        kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
-            r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
-            B * T * H * K if NV > 1 else 0,
-            BK=BK, BKC=min(BK, 16), BV=BV, BC=CKPT_CHUNK, PREC=block_precision(r, w), **opts,
-        )  # fmt: skip
+        for path in block_paths(w):
+            kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
+                r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
+                B * T * H * K if NV > 1 else 0,
+                BK=BK, BKC=min(BK, 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
+                PREC=block_precision(r, w), **opts,
+            )  # fmt: skip
     elif not chunked:
         BK = next_pow2(K)
         work = torch.empty((NV * B * H, chunk, BV, BK), dtype=torch.float32, device=device)
