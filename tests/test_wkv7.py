@@ -129,15 +129,23 @@ def _blockwise_decay(x, strong_block=1):
     return x
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("decay", ["rwkv7", "weak", "blockwise"])
-def test_wkv7_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, decay):
+@pytest.mark.parametrize(
+    "dtype,decay,K,V",
+    [
+        *((dt, d, 16, 16) for dt in (torch.bfloat16, torch.float16) for d in ("rwkv7", "weak")),
+        (torch.bfloat16, "blockwise", 16, 16),
+        (torch.float16, "blockwise", 16, 16),
+        (torch.bfloat16, "blockwise", 64, 32),  # two 32-wide K slices in the factored backward
+    ],
+)
+def test_wkv7_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, decay, K, V):
     """With a bf16 / fp16 w the tc kernels take the pair factors as tensor-core products in
     every block whose total decay is bounded; "blockwise" mixes such blocks with one that takes
     the exact pairwise path, in the forward and the backward."""
     force_rwkv_mode("tc")
-    x = op.make_inputs(1, 50, 2, 16, dtype=dtype, device=device, w_dtype=dtype, seed=11,
-                       decay="rwkv7" if decay == "blockwise" else decay, initial_state=True)  # fmt: skip
+    x = op.make_inputs(1, 50, 2 if K < 64 else 1, K, V, dtype=dtype, device=device, seed=11,
+                       w_dtype=dtype, decay="rwkv7" if decay == "blockwise" else decay,
+                       initial_state=True)  # fmt: skip
     if decay == "blockwise":
         _blockwise_decay(x)
     op.check_case(x, f"tc-factored-{decay}-{dtype}").assert_ok()

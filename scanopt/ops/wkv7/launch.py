@@ -206,7 +206,7 @@ def wkv7_bwd(
             kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
                 r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
                 B * T * H * K if NV > 1 else 0,
-                BK=BK, BKC=min(BK, 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
+                BK=BK, BKC=min(BK, 32) if path == 1 else min(BK, 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
                 PREC=block_precision(r, w), **opts,
             )  # fmt: skip
     elif not chunked:
