@@ -217,15 +217,22 @@ def test_wkv7_tc_state_passing_and_checkpoints(device):
 
 
 def test_wkv7_tc_serial_pass_width_and_warps(device):
-    """The serial state / cotangent passes' V-block (BW) and warps (SW) change nothing but
-    speed: same outputs, state and gradients as the default tc config."""
+    """The serial state / cotangent passes' V-block (BW), warps (SW) and chunk (BT) change
+    nothing but speed: same outputs, state, checkpoints and gradients as the default tc config
+    (T = 40: a partial last chunk at BT 32 and 64)."""
     x = op.make_inputs(1, 40, 1, 16, 32, dtype=torch.float16, device=device, decay="mixed",
                        initial_state=True, seed=9)  # fmt: skip
     args, h0 = [x[n] for n in NAMES], x["initial_state"]
     base = {"MODE": "tc"}
     o, ht, ck = launch.wkv7_fwd(*args, 1.0, h0, True, base)
     grads = launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, base)
-    for cfg in ({**base, "BW": 32, "SW": 2}, {**base, "BW": 64, "SW": 4}):
+    # BT: the serial passes walk chunks of BT // 16 blocks (16: every block, serially)
+    for cfg in (
+        {**base, "BW": 32, "SW": 2},
+        {**base, "BW": 64, "SW": 4},
+        {**base, "BT": 16},
+        {**base, "BT": 32, "BW": 32},
+    ):
         o2, ht2, ck2 = launch.wkv7_fwd(*args, 1.0, h0, True, cfg)
         torch.testing.assert_close(o2, o, rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(ht2, ht, rtol=1e-5, atol=1e-6)

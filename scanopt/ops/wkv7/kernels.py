@@ -798,6 +798,22 @@ def wkv7_tc_prep_kernel(
     tl.store(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :], b_wk)
 
 
+@triton.jit
+def _tc_block_state(b_h, b_v, b_w, b_k, b_b, b_aw, b_wk, BC: tl.constexpr, PREC: tl.constexpr):
+    """The state after a 16-step block from the state before it, ``b_h`` ``[BK, BV]`` (any
+    columns of it: the update is linear), with the block's ``v`` columns ``b_v`` ``[BC, BV]``,
+    log decays / keys / b ``[BC, BK]`` and the prep kernel's ``AW`` ``[BC, BK]``, ``WK``
+    ``[BC, BC]``: SA = AW H + WK V, H' = exp(gL) H + (b exp(gL - g))^T SA + (k exp(gL - g))^T V."""
+    b_g = tl.cumsum(b_w, axis=0)
+    b_gl = last_row(b_g, BC)  # [BK]
+    b_tail = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay after step t to the block end
+    b_sa = tl.dot(b_aw, b_h, input_precision=PREC) + tl.dot(b_wk, b_v, input_precision=PREC)
+    b_h = b_h * tl.exp(b_gl)[:, None]
+    b_h += tl.dot(tl.trans(b_b * b_tail), b_sa, input_precision=PREC)
+    b_h += tl.dot(tl.trans(b_k * b_tail), b_v, input_precision=PREC)
+    return b_h
+
+
 @triton.jit(do_not_specialize=["T"])
 def wkv7_tc_state_kernel(
     w,  # [B, T, H, K]
@@ -816,10 +832,17 @@ def wkv7_tc_state_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     BC: tl.constexpr,
+    NB: tl.constexpr,
     HAS_H0: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0).to(tl.int64)
+    # NB = 0: one program per (V-block, batch-head) walks every block from h0 (serial) and
+    # writes the final state. NB > 0: one program per (chunk of NB blocks, V-block; grid axis 0)
+    # walks its chunk from the chunk's start state, already in hbuf
+    # (wkv7_chunk_state_fwd_kernel), and fills the other blocks' slots.
+    NVB = (V + BV - 1) // BV
+    i_v = (tl.program_id(0) % NVB).to(tl.int64)
+    i_c = (tl.program_id(0) // NVB).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -834,12 +857,20 @@ def wkv7_tc_state_kernel(
     m_h = m_k[:, None] & m_v[None, :]
     o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
-    for n in range(0, NS):
+    if NB == 0:
+        n0 = 0
+        n1 = NS
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_H0:
+            b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    else:
+        n0 = i_c * NB
+        n1 = tl.minimum(n0 + NB, NS) - 1  # the chunk's last block needs no state after it
+        b_h = tl.load(hbuf + (i_bh * NS + n0) * K * V + o_h, mask=m_h, other=0.0)
+    for n in range(n0, n1):
         blk = i_bh * NS + n
-        tl.store(hbuf + blk * K * V + o_h, b_h, mask=m_h)
+        if NB == 0:
+            tl.store(hbuf + blk * K * V + o_h, b_h, mask=m_h)
         m_t = (n * BC + o_i) < T
         p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
         m_x = m_t[:, None] & m_k[None, :]
@@ -853,14 +884,71 @@ def wkv7_tc_state_kernel(
         ).to(tl.float32)  # [BC, BV]
         b_aw = tl.load(aw + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
         b_wk = tl.load(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])  # [BC, BC]
-        b_g = tl.cumsum(b_w, axis=0)
-        b_gl = last_row(b_g, BC)  # [BK]
-        b_tail = tl.exp(b_gl[None, :] - b_g)  # [BC, BK] decay after step t to the block end
-        b_sa = tl.dot(b_aw, b_h, input_precision=PREC) + tl.dot(b_wk, b_v, input_precision=PREC)
-        b_h = b_h * tl.exp(b_gl)[:, None]
-        b_h += tl.dot(tl.trans(b_b * b_tail), b_sa, input_precision=PREC)
-        b_h += tl.dot(tl.trans(b_k * b_tail), b_v, input_precision=PREC)
-    tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+        b_h = _tc_block_state(b_h, b_v, b_w, b_k, b_b, b_aw, b_wk, BC, PREC)
+        if NB > 0:
+            tl.store(hbuf + (blk + 1) * K * V + o_h, b_h, mask=m_h)
+    if NB == 0:
+        tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_transition_kernel(
+    w,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    b,  # [B, T, H, K]
+    aw,  # [B, H, NS, BC, K] fp32
+    wk,  # [B, H, NS, BC, BC] fp32
+    pu,  # [B, H, NT, K, K + V] fp32: P_c in columns [0, K), U_c in [K, K + V)
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BW: tl.constexpr,
+    BC: tl.constexpr,
+    NB: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Chunk c of NB blocks maps its start state to its end state as h -> P_c h + U_c: the
+    # block update (_tc_block_state) run on the augmented columns [I | 0] (P_c) and [0 | v]
+    # (U_c), BW columns per program, in the layout of the chunked family's transition
+    # (wkv7_chunk_state_fwd_kernel reads it).
+    i_c = tl.program_id(0).to(tl.int64)  # chunks on grid axis 0: up to 2^31, not 65535
+    i_w = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    NT = (NS + NB - 1) // NB
+    W = K + V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    o_k = tl.arange(0, BK)
+    col = i_w * BW + tl.arange(0, BW)  # [BW] augmented columns
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_u = (col >= K) & (col < W)  # columns fed by v
+    b_h = tl.where((o_k[:, None] == col[None, :]) & (col < K)[None, :], 1.0, 0.0)  # [BK, BW]
+    n0 = i_c * NB
+    for n in range(n0, tl.minimum(n0 + NB, NS)):
+        blk = i_bh * NS + n
+        m_t = (n * BC + o_i) < T
+        p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
+        m_x = m_t[:, None] & m_k[None, :]
+        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_v = tl.load(
+            v + i_b * T * HV + i_h * V + (n * BC + o_i[:, None]) * HV + (col - K)[None, :],
+            mask=m_t[:, None] & m_u[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BC, BW], zero in the P columns
+        b_aw = tl.load(aw + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
+        b_wk = tl.load(wk + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
+        b_h = _tc_block_state(b_h, b_v, b_w, b_k, b_b, b_aw, b_wk, BC, PREC)
+    p_pu = pu + (i_bh * NT + i_c) * K * W + o_k[:, None] * W + col[None, :]
+    tl.store(p_pu, b_h, mask=m_k[:, None] & (col < W)[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -990,6 +1078,22 @@ def wkv7_tc_bprep_kernel(
     tl.store(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], b_z2, mask=(o_k < K)[None, :])
 
 
+@triton.jit
+def _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC: tl.constexpr, PREC: tl.constexpr):
+    """The cotangent of the state before a 16-step block from the one after it, ``b_d``
+    ``[BK, BV]`` (any columns: linear), with the block's ``do`` columns ``[BC, BV]``, queries
+    (scaled) / log decays / a ``[BC, BK]`` and the bprep kernel's Z1 ``[BC, BC]``, Z2
+    ``[BC, BK]``: dSA = Z1 dO + Z2 D, D' = exp(gL) D + (q exp(g))^T dO + (a exp(e))^T dSA."""
+    b_g = tl.cumsum(b_w, axis=0)
+    b_e = prev_rows(b_g, BC)
+    b_gl = last_row(b_g, BC)
+    b_dsa = tl.dot(b_z1, b_do, input_precision=PREC) + tl.dot(b_z2, b_d, input_precision=PREC)
+    b_d = b_d * tl.exp(b_gl)[:, None]
+    b_d += tl.dot(tl.trans(b_q * tl.exp(b_g)), b_do, input_precision=PREC)
+    b_d += tl.dot(tl.trans(b_a * tl.exp(b_e)), b_dsa, input_precision=PREC)
+    return b_d
+
+
 @triton.jit(do_not_specialize=["T"])
 def wkv7_tc_dstate_kernel(
     r,  # [B, T, H, K]
@@ -998,7 +1102,7 @@ def wkv7_tc_dstate_kernel(
     do,  # [B, T, H, V]
     z1,  # [B, H, NS, BC, BC] fp32
     z2,  # [B, H, NS, BC, K] fp32
-    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT)
+    dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT); NB > 0: [B, H, NT, K, V]
     dbuf,  # [B, H, NS, K, V] fp32: cotangent of the state after every block
     dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
     scale,
@@ -1009,11 +1113,18 @@ def wkv7_tc_dstate_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     BC: tl.constexpr,
+    NB: tl.constexpr,
     HAS_DHT: tl.constexpr,
     HAS_H0: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    i_v = tl.program_id(0).to(tl.int64)
+    # NB = 0: one program per (V-block, batch-head) walks every block back from dht (serial)
+    # and writes dh0. NB > 0: one program per (chunk of NB blocks, V-block; grid axis 0) walks
+    # its chunk back from the chunk-end cotangent in ``dht`` (wkv7_chunk_state_bwd_kernel's)
+    # and fills every block's slot of dbuf.
+    NVB = (V + BV - 1) // BV
+    i_v = (tl.program_id(0) % NVB).to(tl.int64)
+    i_c = (tl.program_id(0) // NVB).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -1028,11 +1139,19 @@ def wkv7_tc_dstate_kernel(
     m_h = m_k[:, None] & m_v[None, :]
     o_h = o_k[:, None] * V + o_v[None, :]
 
-    b_d = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        b_d += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
-    for m in range(0, NS):
-        n = NS - 1 - m
+    if NB == 0:
+        n_hi = NS - 1
+        n_lo = 0
+        b_d = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_DHT:
+            b_d += tl.load(dht + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
+    else:
+        NT = (NS + NB - 1) // NB
+        n_hi = tl.minimum(i_c * NB + NB, NS) - 1
+        n_lo = i_c * NB + 1  # the chunk's first block: its cotangent before it is not needed
+        b_d = tl.load(dht + (i_bh * NT + i_c) * K * V + o_h, mask=m_h, other=0.0)
+    for m in range(0, n_hi + 1 - n_lo):
+        n = n_hi - m
         blk = i_bh * NS + n
         tl.store(dbuf + blk * K * V + o_h, b_d, mask=m_h)
         m_t = (n * BC + o_i) < T
@@ -1048,15 +1167,79 @@ def wkv7_tc_dstate_kernel(
         ).to(tl.float32)
         b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
         b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
-        b_g = tl.cumsum(b_w, axis=0)
-        b_e = prev_rows(b_g, BC)
-        b_gl = last_row(b_g, BC)
-        b_dsa = tl.dot(b_z1, b_do, input_precision=PREC) + tl.dot(b_z2, b_d, input_precision=PREC)
-        b_d = b_d * tl.exp(b_gl)[:, None]
-        b_d += tl.dot(tl.trans(b_q * tl.exp(b_g)), b_do, input_precision=PREC)
-        b_d += tl.dot(tl.trans(b_a * tl.exp(b_e)), b_dsa, input_precision=PREC)
-    if HAS_H0:
-        tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
+        b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+    if NB == 0:
+        if HAS_H0:
+            tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
+    else:
+        # the cotangent after the chunk's first block (the chunk end itself for a one-block chunk)
+        tl.store(dbuf + (i_bh * NS + n_lo - 1) * K * V + o_h, b_d, mask=m_h)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_tc_adjoint_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K]
+    a,  # [B, T, H, K]
+    do,  # [B, T, H, V]
+    z1,  # [B, H, NS, BC, BC] fp32
+    z2,  # [B, H, NS, BC, K] fp32
+    p,  # [B, H, NT, K, K] fp32: the chunk transitions P_c (h_end = P_c h_start + ...)
+    y,  # [B, H, NT, K, V] fp32: cotangent of chunk c's start state from its own outputs
+    scale,
+    T,
+    H,
+    K,
+    V,
+    BK: tl.constexpr,
+    BW: tl.constexpr,
+    BC: tl.constexpr,
+    NB: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # The block cotangent step (_tc_block_cotangent) run back over chunk c from the augmented
+    # columns [I | 0] (giving P_c^T) and [0 | do] (giving Y_c), BW columns per program: the
+    # inputs of wkv7_chunk_state_bwd_kernel, as the chunked family's transition and adjoint.
+    i_c = tl.program_id(0).to(tl.int64)  # chunks on grid axis 0: up to 2^31, not 65535
+    i_w = tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NS = (T + BC - 1) // BC
+    NT = (NS + NB - 1) // NB
+    W = K + V
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    o_k = tl.arange(0, BK)
+    col = i_w * BW + tl.arange(0, BW)
+    o_i = tl.arange(0, BC)
+    m_k = o_k < K
+    m_y = (col >= K) & (col < W)  # columns fed by do
+    b_d = tl.where((o_k[:, None] == col[None, :]) & (col < K)[None, :], 1.0, 0.0)  # [BK, BW]
+    n_hi = tl.minimum(i_c * NB + NB, NS) - 1
+    for m in range(0, n_hi + 1 - i_c * NB):
+        n = n_hi - m
+        blk = i_bh * NS + n
+        m_t = (n * BC + o_i) < T
+        m_x = m_t[:, None] & m_k[None, :]
+        p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
+        b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
+        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_do = tl.load(
+            do + i_b * T * HV + i_h * V + (n * BC + o_i[:, None]) * HV + (col - K)[None, :],
+            mask=m_t[:, None] & m_y[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BC, BW], zero in the identity columns
+        b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
+        b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
+        b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+    base = (i_bh * NT + i_c).to(tl.int64)
+    # column j < K of the result is row j of P_c (the result is P_c^T there)
+    tl.store(p + base * K * K + col[None, :] * K + o_k[:, None], b_d,
+             mask=m_k[:, None] & (col < K)[None, :])  # fmt: skip
+    tl.store(y + base * K * V + o_k[:, None] * V + (col - K)[None, :], b_d,
+             mask=m_k[:, None] & m_y[None, :])  # fmt: skip
 
 
 @triton.jit

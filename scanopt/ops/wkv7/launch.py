@@ -104,8 +104,10 @@ def wkv7_fwd(
 
 
 def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
-    """``MODE="tc"``: per-block (I - Aab)^{-1} products in parallel, the state every 16 steps
-    on tensor cores (serial), then every block's output in parallel."""
+    """``MODE="tc"``: per-block (I - Aab)^{-1} products in parallel; the chunk transitions
+    (``BT`` steps, ``BT // 16`` blocks) in parallel, the state serially chunk by chunk, then the
+    states of the blocks inside each chunk in parallel (with ``BT`` = 16: every block
+    serially); then every block's output in parallel."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     if store_ckpt and cfg["CHUNK"] != CKPT_CHUNK:
@@ -122,10 +124,29 @@ def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
         kernels.wkv7_tc_prep_kernel[(NS, B * H)](
             w, k, a, b, aw, wk, T, H, K, BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
         )  # fmt: skip
-    kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
-        w, k, v, b, aw, wk, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
-        BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
-    )  # fmt: skip
+    NB = cfg["BT"] // CKPT_CHUNK  # blocks per chunk of the serial pass
+    h_init = h0 if h0 is not None else ht
+    if NB == 1:  # the state pass walks every block
+        kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
+            w, k, v, b, aw, wk, h_init, ht, hbuf, T, H, K, V,
+            BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=0, HAS_H0=h0 is not None, PREC=prec,
+            **serial_opts,
+        )  # fmt: skip
+    else:  # chunk transitions in parallel, the serial pass per chunk, then the blocks between
+        NT, W = cdiv(NS, NB), K + V
+        pu = torch.empty((B, H, NT, K, W), dtype=torch.float32, device=device)
+        kernels.wkv7_tc_transition_kernel[(NT, cdiv(W, cfg["BV"]), B * H)](
+            w, k, v, b, aw, wk, pu, T, H, K, V, BK=BK, BW=cfg["BV"], BC=CKPT_CHUNK, NB=NB,
+            PREC=prec, **opts,
+        )  # fmt: skip
+        kernels.wkv7_chunk_state_fwd_kernel[(cdiv(V, cfg["BW"]), B * H)](
+            pu, h_init, ht, hbuf, T, H, K, V, BK=BK, BV=cfg["BW"], BKC=16, BT=cfg["BT"],
+            RATIO=NB, HAS_H0=h0 is not None, **serial_opts,
+        )  # fmt: skip
+        kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]) * NT, B * H)](
+            w, k, v, b, aw, wk, h_init, ht, hbuf, T, H, K, V,
+            BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=NB, HAS_H0=False, PREC=prec, **opts,
+        )  # fmt: skip
     for path in block_paths(w):
         kernels.wkv7_tc_out_kernel[(NS, cdiv(V, cfg["BV"]), B * H)](
             r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
@@ -197,11 +218,32 @@ def wkv7_bwd(
                 BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
             )  # fmt: skip
         dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
-        kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
-            r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
-            BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
-            PREC=prec, **serial_opts,
-        )  # fmt: skip
+        NB = cfg["BT"] // CKPT_CHUNK  # blocks per chunk of the serial pass
+        if NB == 1:  # the cotangent pass walks every block
+            kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
+                r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, scale,
+                T, H, K, V, BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=0, HAS_DHT=dht is not None,
+                HAS_H0=h0 is not None, PREC=prec, **serial_opts,
+            )  # fmt: skip
+        else:  # chunk adjoints in parallel, the serial pass per chunk, then the blocks between
+            NT = cdiv(NS, NB)
+            p = torch.empty((B, H, NT, K, K), dtype=torch.float32, device=device)
+            y = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
+            kernels.wkv7_tc_adjoint_kernel[(NT, cdiv(K + V, cfg["BV"]), B * H)](
+                r, w, a, do, z1, z2, p, y, scale, T, H, K, V,
+                BK=BK, BW=cfg["BV"], BC=CKPT_CHUNK, NB=NB, PREC=prec, **opts,
+            )  # fmt: skip
+            dhend = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
+            kernels.wkv7_chunk_state_bwd_kernel[(cdiv(V, cfg["BW"]), B * H)](
+                p, y, dht if dht is not None else y, dhend, dh0, T, H, K, V,
+                BK=BK, BV=cfg["BW"], BKC=16, BT=cfg["BT"], HAS_DHT=dht is not None,
+                HAS_H0=h0 is not None, **serial_opts,
+            )  # fmt: skip
+            kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]) * NT, B * H)](
+                r, w, a, do, z1, z2, dhend, dbuf, dh0, scale, T, H, K, V,
+                BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=NB, HAS_DHT=True, HAS_H0=False,
+                PREC=prec, **opts,
+            )  # fmt: skip
         for path in block_paths(w):
             kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
                 r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
