@@ -27,7 +27,7 @@ B, H, K = 4, 32, 64
 NAMES = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", "a", "b")}
 SWEEPS = {
     "serial": [{"BW": bw, "SW": sw} for bw, sw in itertools.product((16, 32, 64), (2, 4, 8))],
-    "block": [{"num_warps": 4}, {"BT": 32}, {"BT": 128}],
+    "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
 }
 
 
