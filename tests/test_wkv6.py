@@ -536,3 +536,21 @@ def test_wkv6_gpu_many_programs(gpu_mode):
 @pytest.mark.gpu
 def test_wkv6_gpu_self_check():
     assert all(rep.passed for rep in op.self_check("cuda", quick=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_parts,shape", [(1, (3, 5)), (3, (2, 1029)), (4, (1, 7, 2, 16))])
+def test_sum_partials_is_the_torch_sum(device, dtype, n_parts, shape):
+    """The V-block partial sums of the backward (one pass, index order) equal torch's sum."""
+    from scanopt.ops._partials import sum_partials
+
+    parts = torch.randn((n_parts, *shape), generator=torch.Generator().manual_seed(n_parts))
+    parts = parts.to(device)
+    got = sum_partials(parts, dtype)
+    want = parts.double().sum(0)
+    assert got.dtype == dtype and got.shape == shape
+    # fp32: the summation order's rounding; bf16 / fp16: one ulp (the interpreter may truncate)
+    rtol = 1e-6 if dtype == torch.float32 else 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        sum_partials(parts.double(), dtype)

@@ -15,6 +15,7 @@ import torch
 
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
+from scanopt.ops._partials import sum_partials
 from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
@@ -243,6 +244,6 @@ def wkv6_bwd(
         )  # fmt: skip
         du = du.flatten(0, 1)
     if NV > 1:
-        dr, dk, dw = (g.sum(0).to(x.dtype) for g, x in ((dr, r), (dk, k), (dw, w)))
+        dr, dk, dw = (sum_partials(g, x.dtype) for g, x in ((dr, r), (dk, k), (dw, w)))
     du = du.sum((0, 1)).to(u.dtype)
     return dr, dk, dv, dw, du, dh0

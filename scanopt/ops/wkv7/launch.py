@@ -15,6 +15,7 @@ import torch
 
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
+from scanopt.ops._partials import sum_partials
 from scanopt.ops._rwkv_common import (
     CKPT_CHUNK,
     CONFIG_KEYS,
@@ -314,6 +315,6 @@ def wkv7_bwd(
         )  # fmt: skip
     if NV > 1:
         dr, dw, dk, da, db = (
-            g.sum(0).to(x.dtype) for g, x in ((dr, r), (dw, w), (dk, k), (da, a), (db, b))
+            sum_partials(g, x.dtype) for g, x in ((dr, r), (dw, w), (dk, k), (da, a), (db, b))
         )
     return dr, dw, dk, dv, da, db, dh0
