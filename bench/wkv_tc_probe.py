@@ -8,7 +8,7 @@ Anchor shape (ANCHORS.md): bf16, B 4, H 32, K = V = 64. The launchers are called
 (``launch.wkvN_fwd`` with checkpoints, ``launch.wkvN_bwd`` from them), so each direction's time
 is its kernels' alone; times are medians of ``triton.testing.do_bench``. Sweeps:
 ``serial`` = the serial passes' V-block and warps (``BW``, ``SW``); ``block`` = the parallel
-kernels' warps and the chunk length (``num_warps``, ``BT``). A config whose outputs or gradients
+kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those. A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
 the package (bench/ holds data and scripts only).
 """
@@ -28,6 +28,7 @@ NAMES = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", "a", "b
 SWEEPS = {
     "serial": [{"BW": bw, "SW": sw} for bw, sw in itertools.product((16, 32, 64), (2, 4, 8))],
     "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
+    "quick": [{"BT": 16}, {"BW": 16, "SW": 4}, {"BW": 64, "SW": 8}, {"BW": 32, "SW": 4}],
 }
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=("wkv6", "wkv7"), required=True)
     ap.add_argument("--L", default="4096", help="comma-separated lengths")
-    ap.add_argument("--sweep", default="serial,block", help="comma-separated: serial, block")
+    ap.add_argument("--sweep", default="serial,block", help="comma-separated: serial, block, quick")
     a = ap.parse_args()
     configs = [c for name in a.sweep.split(",") for c in SWEEPS[name]]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
