@@ -88,3 +88,19 @@ def unused_outputs_get_no_cotangent():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: leaf {i}")
 
     return check
+
+
+@pytest.fixture
+def blockwise_decay():
+    """``blockwise_decay(x, strong_block=1)``: WKV-6/7 inputs ``x`` with one 16-step block
+    strongly decaying (log decay -18) in one key channel, so that block's total decay is past
+    the tc kernels' ``FACTOR_LIMIT`` (their exact pairwise path) and the other blocks stay
+    factored. Changes ``x["w"]`` in place (same dtype) and returns ``x``."""
+
+    def apply(x, strong_block=1):
+        w = x["w"].float().clone()
+        w[:, 16 * strong_block : 16 * (strong_block + 1), :, 0] = -18.0
+        x["w"] = w.to(x["w"].dtype)
+        return x
+
+    return apply

@@ -169,18 +169,11 @@ def test_wkv6_tc_serial_pass_width_and_warps(device):
         launch.wkv6_fwd(*args, 1.0, h0, False, {**base, "SW": 3})
 
 
-def _blockwise_decay(x, strong_block=1):
-    """One 16-step block gets a strong decay in one key channel: that block's total decay is past
-    ``FACTOR_LIMIT`` (the exact pairwise path), the other blocks stay factored."""
-    w = x["w"].float().clone()
-    w[:, 16 * strong_block : 16 * (strong_block + 1), :, 0] = -18.0
-    x["w"] = w.to(x["w"].dtype)
-    return x
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("decay", ["rwkv6", "weak", "blockwise"])
-def test_wkv6_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, decay):
+def test_wkv6_tc_factored_pairs_match_reference(
+    device, force_rwkv_mode, blockwise_decay, dtype, decay
+):
     """With a bf16 / fp16 w the tc kernels take the pair factors inside a 16-step block as
     tensor-core products where the block's total decay is bounded; "blockwise" mixes such blocks
     with one that takes the exact pairwise path, in the forward and the backward."""
@@ -188,16 +181,16 @@ def test_wkv6_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, 
     x = op.make_inputs(1, 50, 2, 16, dtype=dtype, device=device, w_dtype=dtype, seed=11,
                        decay="rwkv6" if decay == "blockwise" else decay, initial_state=True)  # fmt: skip
     if decay == "blockwise":
-        _blockwise_decay(x)
+        blockwise_decay(x)
     op.check_case(x, f"tc-factored-{decay}-{dtype}").assert_ok()
 
 
-def test_wkv6_tc_factored_pairs_agree_with_the_exact_path(device):
+def test_wkv6_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_decay):
     """Same inputs through the factored path (fp16 w) and the exact pairwise path (the same w
     in fp32): outputs, state, checkpoints and every gradient agree to fp16 rounding."""
     x = op.make_inputs(1, 50, 1, 16, 32, dtype=torch.float16, device=device, decay="rwkv6",
                        w_dtype=torch.float16, initial_state=True, seed=12)  # fmt: skip
-    _blockwise_decay(x, strong_block=2)
+    blockwise_decay(x, strong_block=2)
     h0, cfg = x["initial_state"], {"MODE": "tc", "BT": 32}
     runs = []
     for w in (x["w"], x["w"].float()):

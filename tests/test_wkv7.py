@@ -120,15 +120,6 @@ def test_wkv7_tc_odd_heads(device, force_rwkv_mode, T, K, V, decay):
     op.check_case(x, f"tc-K{K}-V{V}", scale=0.6).assert_ok()
 
 
-def _blockwise_decay(x, strong_block=1):
-    """One 16-step block gets a strong decay in one key channel: that block's total decay is past
-    ``FACTOR_LIMIT`` (the exact pairwise path), the other blocks stay factored."""
-    w = x["w"].float().clone()
-    w[:, 16 * strong_block : 16 * (strong_block + 1), :, 0] = -18.0
-    x["w"] = w.to(x["w"].dtype)
-    return x
-
-
 @pytest.mark.parametrize(
     "dtype,decay,K,V",
     [
@@ -138,7 +129,9 @@ def _blockwise_decay(x, strong_block=1):
         (torch.bfloat16, "blockwise", 64, 32),  # two 32-wide K slices in the factored backward
     ],
 )
-def test_wkv7_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, decay, K, V):
+def test_wkv7_tc_factored_pairs_match_reference(
+    device, force_rwkv_mode, blockwise_decay, dtype, decay, K, V
+):
     """With a bf16 / fp16 w the tc kernels take the pair factors as tensor-core products in
     every block whose total decay is bounded; "blockwise" mixes such blocks with one that takes
     the exact pairwise path, in the forward and the backward."""
@@ -147,17 +140,17 @@ def test_wkv7_tc_factored_pairs_match_reference(device, force_rwkv_mode, dtype, 
                        w_dtype=dtype, decay="rwkv7" if decay == "blockwise" else decay,
                        initial_state=True)  # fmt: skip
     if decay == "blockwise":
-        _blockwise_decay(x)
+        blockwise_decay(x)
     op.check_case(x, f"tc-factored-{decay}-{dtype}").assert_ok()
 
 
-def test_wkv7_tc_factored_pairs_agree_with_the_exact_path(device):
+def test_wkv7_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_decay):
     """Same inputs through the factored path (fp16 w) and the exact pairwise path (the same w
     in fp32): outputs, state, checkpoints and every gradient agree to fp16 rounding. Sharper
     than the reference test: a wrong mask or factor in one path is an O(1) difference."""
     x = op.make_inputs(1, 50, 1, 16, 32, dtype=torch.float16, device=device, decay="rwkv7",
                        w_dtype=torch.float16, initial_state=True, seed=12)  # fmt: skip
-    _blockwise_decay(x, strong_block=2)
+    blockwise_decay(x, strong_block=2)
     h0, cfg = x["initial_state"], {"MODE": "tc"}
     runs = []
     for w in (x["w"], x["w"].float()):
