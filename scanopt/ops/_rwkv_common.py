@@ -95,8 +95,10 @@ def default_config(
     dtype: torch.dtype,
     mode: str | None = None,
     op: str | None = None,
+    w_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Heuristic launch config of the WKV-6/7 kernels (for ``mode``, or the default mode).
+    """Heuristic launch config of the WKV-6/7 kernels (for ``mode``, or the default mode;
+    ``w_dtype``, the log decay's dtype, takes part in choosing it).
 
     - ``MODE``: ``"recurrent"`` (one program per (batch, head, V-block) walks all of T; the
       backward recomputes each checkpointed piece into a global work space) or ``"chunked"``
@@ -115,9 +117,11 @@ def default_config(
       16-step sub-chunks); the backward works block by block from the forward's 16-step
       checkpoints and the state cotangents of a serial reverse pass (WKV-6: every ``BT``
       steps, each block carrying its chunk's cotangent back itself; its forward's serial pass
-      also walks ``BT`` steps and the output kernel writes the checkpoints). Verified on a GPU
-      but slower than the default (H100, 2026-12-06: WKV-6 2.9x, WKV-7 7x at 1k-16k tokens),
-      so opt-in; WKV-6's rework of 2026-12-07 is verified on the CPU only.
+      also walks ``BT`` steps and the output kernel writes the checkpoints). The default for
+      ``op`` WKV-6 / WKV-7 with bf16/fp16 inputs and a bf16/fp16 ``w`` (K <= 128) since the
+      rework of 2026-12-07 (factored pair products in blocks of bounded decay, serial passes
+      per ``BT``-step chunk): H100, fwd+bwd 2.3-2.5x faster than the recurrent default for
+      WKV-6 at 1k-16k, ~1.45x for WKV-7 at 4k.
     - ``BW`` (chunked): columns per program of the chunk-transition kernel; (tc) the V-block of
       the serial state / cotangent passes.
     - ``SW`` (tc): warps of the serial state / cotangent passes (``num_warps`` is the parallel
@@ -126,7 +130,7 @@ def default_config(
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
     - ``num_warps``: 1 keeps every reduction over K inside a warp, so the loops have no
-      barriers; ``num_stages`` has no effect on these loops.
+      barriers; ``num_stages`` has no effect on these loops. (tc: the block kernels' warps.)
 
     Defaults were checked to compile for sm_90 without register spills (ptxas through
     ``triton.compile``); the timing-based choice is the tuner's.
@@ -138,7 +142,18 @@ def default_config(
         # both families are verified on a GPU (H100, 2026-12-05); the recurrent one is faster
         # except for WKV-6's forward, which resolve_config switches to chunked from T >= 256
         mode = "recurrent"
-        if op == "wkv6" and direction == "fwd" and T >= 256 and K <= 128:
+        if (
+            op in ("wkv6", "wkv7")
+            and dtype in (torch.bfloat16, torch.float16)
+            and w_dtype in (torch.bfloat16, torch.float16)
+            and K <= 128
+        ):
+            # H100, 2026-12-07 (bench/notes/wkv6.md, wkv7.md; bf16, B 4, H 32, K = V = 64):
+            # the reworked tc kernels (factored pairs, chunked serial passes) took 0.41-0.44x
+            # the default's fwd+bwd time for WKV-6 at 1k / 4k / 16k and ~0.68x for WKV-7 at 4k
+            # (profiler kernel sums). An fp32 w keeps the exact pairwise tc path, not timed
+            mode = "tc"
+        elif op == "wkv6" and direction == "fwd" and T >= 256 and K <= 128:
             # H100, 2026-12-05 (bench/notes/wkv6.md): the chunked forward took 0.61 / 0.57 /
             # 0.57x the recurrent one's time at T = 1k / 4k / 16k; WKV-7's chunked forward is
             # slower (its chunk transition is a K x K product), the recurrent backward wins
@@ -154,11 +169,14 @@ def default_config(
             # 3-pass tf32 dots, K = V = 64): WKV-6's output / gradient kernels spill 112 / 72 B
             # at BV = 64 (76 / 0 at 32); WKV-7's output kernel none. Timing decides (tuner).
             "BV": min(max(next_pow2(V), 16), 64),
-            "BW": 16,
-            # not yet timed apart from num_warps (the serial passes ran at 8 until 2026-12-07)
-            "SW": 8,
+            # H100, 4k, 2026-12-07: the serial passes' V-block and warps, fwd+bwd 1.28x (WKV-6,
+            # 32 x 4) and 1.28x (WKV-7, 64 x 8) faster than 16 x 8; the block kernels' 4 warps
+            # another 1.07x (WKV-6) and 1.63x (WKV-7: two programs per SM; its exact path
+            # spills ~1 KB there, only blocks of strong decay take it)
+            "BW": 32 if op == "wkv6" else 64,
+            "SW": 4 if op == "wkv6" else 8,
             "PF": 1,
-            "num_warps": 8,  # sm_90, K = V = 64: 4 warps spill 0.2-1.3 KB per thread
+            "num_warps": 4,
             "num_stages": 2,
         }
         if direction == "fwd":
@@ -235,6 +253,7 @@ def resolve_config(
     B: int | None = None,
     H: int | None = None,
     device: torch.device | None = None,
+    w_dtype: torch.dtype | None = None,
 ) -> dict:
     """``default_config`` (for the requested ``MODE``, if any), replaced by a tuned config for
     this GPU and shape bucket when ``B``, ``H`` and ``device`` are given and the config store
@@ -246,16 +265,18 @@ def resolve_config(
     callers must not mutate it.
     """
     if torch.compiler.is_compiling():
-        return _resolve(op, direction, config, T, K, V, dtype, B, H, device)
+        return _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype)
     items = tuple(sorted(config.items())) if config else None
-    key = (op, direction, items, T, K, V, dtype, B, H, device)
+    key = (op, direction, items, T, K, V, dtype, B, H, device, w_dtype)
     cfg = _RESOLVED.get(key)
     if cfg is None:
-        cfg = _RESOLVED[key] = _resolve(op, direction, config, T, K, V, dtype, B, H, device)
+        cfg = _RESOLVED[key] = _resolve(
+            op, direction, config, T, K, V, dtype, B, H, device, w_dtype
+        )
     return cfg
 
 
-def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
+def _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype=None) -> dict:
     from scanopt._env import interpreting
     from scanopt.autotune import resolve_config as tuned_config
     from scanopt.autotune.store import register_launch_cache
@@ -270,7 +291,7 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device) -> dict:
         config["MODE"] = forced
     if mode is not None and mode not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
-    cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode, op=op)
+    cfg = default_config(direction, T=T, K=K, V=V, dtype=dtype, mode=mode, op=op, w_dtype=w_dtype)
     if device is not None and B is not None and H is not None:
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             shape = {"B": B, "T": T, "H": H, "K": K, "V": V}

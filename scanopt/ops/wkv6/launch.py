@@ -35,7 +35,7 @@ __all__ = ["CONFIG_KEYS", "default_config", "wkv6_fwd", "wkv6_bwd"]
 
 def default_config(direction: str, *, T: int, K: int, V: int, dtype: torch.dtype) -> dict:
     """Heuristic config (see :func:`scanopt.ops._rwkv_common.default_config` for the keys)."""
-    return _default_config(direction, T=T, K=K, V=V, dtype=dtype)
+    return _default_config(direction, T=T, K=K, V=V, dtype=dtype, op="wkv6", w_dtype=dtype)
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -63,7 +63,17 @@ def wkv6_fwd(
     B, T, H, K = r.shape
     V = v.shape[-1]
     cfg = resolve_config(
-        "wkv6", "fwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
+        "wkv6",
+        "fwd",
+        config,
+        T=T,
+        K=K,
+        V=V,
+        dtype=r.dtype,
+        B=B,
+        H=H,
+        device=r.device,
+        w_dtype=w.dtype,
     )
     r, k, v, w, u = (x.contiguous() for x in (r, k, v, w, u))
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -152,7 +162,17 @@ def wkv6_bwd(
     B, T, H, K = r.shape
     V = v.shape[-1]
     cfg = resolve_config(
-        "wkv6", "bwd", config, T=T, K=K, V=V, dtype=r.dtype, B=B, H=H, device=r.device
+        "wkv6",
+        "bwd",
+        config,
+        T=T,
+        K=K,
+        V=V,
+        dtype=r.dtype,
+        B=B,
+        H=H,
+        device=r.device,
+        w_dtype=w.dtype,
     )
     chunked = cfg["MODE"] == "chunked"
     if cfg["MODE"] in ("chunked", "tc") and chunk != CKPT_CHUNK:
