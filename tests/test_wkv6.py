@@ -547,3 +547,33 @@ def test_sum_partials_is_the_torch_sum(device, dtype, n_parts, shape):
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6)
     with pytest.raises(ValueError, match="contiguous fp32"):
         sum_partials(parts.double(), dtype)
+
+
+def test_wkv_default_family_follows_the_dtypes(device, monkeypatch):
+    """The tc family is the default for bf16/fp16 inputs with a bf16/fp16 w (K <= 128); an fp32
+    w, fp32 inputs or K > 128 keep the CUDA-core families. The public op resolves with w's
+    dtype."""
+    from scanopt.ops import _rwkv_common as common
+
+    for op_name in ("wkv6", "wkv7"):
+        for direction in ("fwd", "bwd"):
+
+            def mode(dtype, w_dtype, K=64, op_name=op_name, direction=direction):
+                cfg = common.default_config(
+                    direction, T=4096, K=K, V=64, dtype=dtype, op=op_name, w_dtype=w_dtype
+                )
+                return cfg["MODE"]
+
+            assert mode(torch.bfloat16, torch.bfloat16) == "tc"
+            assert mode(torch.float16, torch.float16) == "tc"
+            assert mode(torch.float16, torch.float32) != "tc"
+            assert mode(torch.float32, torch.float32) != "tc"
+            assert mode(torch.bfloat16, torch.bfloat16, K=256) != "tc"
+    seen = []
+    original = launch._wkv6_fwd_tc
+    monkeypatch.setattr(launch, "_wkv6_fwd_tc", lambda *a: seen.append(1) or original(*a))
+    common._RESOLVED.clear()
+    for w_dtype, calls in ((torch.float32, 0), (torch.float16, 1)):
+        x = op.make_inputs(1, 20, 1, 16, dtype=torch.float16, device=device, w_dtype=w_dtype)
+        op.wkv6(*(x[n] for n in NAMES))
+        assert len(seen) == calls, w_dtype
