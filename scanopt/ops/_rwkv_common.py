@@ -276,6 +276,18 @@ def resolve_config(
     return cfg
 
 
+def launch_config(
+    op: str, direction: str, config: dict | None, r: torch.Tensor, w: torch.Tensor, v: torch.Tensor
+) -> dict:
+    """:func:`resolve_config` for a launch on ``r`` ``[B, T, H, K]``, log decays ``w`` and values
+    ``v`` ``[B, T, H, V]``: shapes, dtypes and device read off the tensors."""
+    B, T, H, K = r.shape
+    return resolve_config(
+        op, direction, config, T=T, K=K, V=v.shape[-1], dtype=r.dtype, B=B, H=H,
+        device=r.device, w_dtype=w.dtype,
+    )  # fmt: skip
+
+
 def _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype=None) -> dict:
     from scanopt._env import interpreting
     from scanopt.autotune import resolve_config as tuned_config

@@ -1105,10 +1105,11 @@ def wkv6_tc_bwd_kernel(
         # bounded decay over the block: X[t, j] = exp(e_t) exp(-g_j), three tensor-core dots
         far = o_i[:, None] > o_i[None, :] + 1  # [t, j]: j < t - 1
         b_Mf = tl.where(far, b_M, 0.0)
-        b_kn = b_k * tl.exp(-b_g)  # [BC, BK]
+        b_ng = tl.exp(-b_g)  # [BC, BK]
+        b_kn = b_k * b_ng
         b_qe = b_q * b_eg
         b_dqf = b_eg * tl.dot(b_Mf, b_kn, input_precision=PREC)
-        b_dkf = tl.exp(-b_g) * tl.dot(tl.trans(b_Mf), b_qe, input_precision=PREC)
+        b_dkf = b_ng * tl.dot(tl.trans(b_Mf), b_qe, input_precision=PREC)
         b_A = tl.where(far, tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0)
     else:
         for j in range(0, BC - 2):

@@ -24,8 +24,8 @@ from scanopt.ops._rwkv_common import (
     block_precision,
     cdiv,
     factor_pairs,
+    launch_config,
     next_pow2,
-    resolve_config,
 )
 from scanopt.ops._rwkv_common import default_config as _default_config
 from scanopt.ops.wkv6 import kernels
@@ -62,19 +62,7 @@ def wkv6_fwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config(
-        "wkv6",
-        "fwd",
-        config,
-        T=T,
-        K=K,
-        V=V,
-        dtype=r.dtype,
-        B=B,
-        H=H,
-        device=r.device,
-        w_dtype=w.dtype,
-    )
+    cfg = launch_config("wkv6", "fwd", config, r, w, v)
     r, k, v, w, u = (x.contiguous() for x in (r, k, v, w, u))
     h0 = initial_state.contiguous() if initial_state is not None else None
     device = r.device
@@ -161,19 +149,7 @@ def wkv6_bwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config(
-        "wkv6",
-        "bwd",
-        config,
-        T=T,
-        K=K,
-        V=V,
-        dtype=r.dtype,
-        B=B,
-        H=H,
-        device=r.device,
-        w_dtype=w.dtype,
-    )
+    cfg = launch_config("wkv6", "bwd", config, r, w, v)
     chunked = cfg["MODE"] == "chunked"
     if cfg["MODE"] in ("chunked", "tc") and chunk != CKPT_CHUNK:
         raise ValueError(f"wkv6: the {cfg['MODE']} backward needs {CKPT_CHUNK}-step checkpoints")

@@ -23,8 +23,8 @@ from scanopt.ops._rwkv_common import (
     block_paths,
     block_precision,
     cdiv,
+    launch_config,
     next_pow2,
-    resolve_config,
 )
 from scanopt.ops._rwkv_common import default_config as _default_config
 from scanopt.ops.wkv7 import kernels
@@ -62,19 +62,7 @@ def wkv7_fwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config(
-        "wkv7",
-        "fwd",
-        config,
-        T=T,
-        K=K,
-        V=V,
-        dtype=r.dtype,
-        B=B,
-        H=H,
-        device=r.device,
-        w_dtype=w.dtype,
-    )
+    cfg = launch_config("wkv7", "fwd", config, r, w, v)
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     h0 = initial_state.contiguous() if initial_state is not None else None
     device = r.device
@@ -190,19 +178,7 @@ def wkv7_bwd(
     ensure_interpreter_compat()
     B, T, H, K = r.shape
     V = v.shape[-1]
-    cfg = resolve_config(
-        "wkv7",
-        "bwd",
-        config,
-        T=T,
-        K=K,
-        V=V,
-        dtype=r.dtype,
-        B=B,
-        H=H,
-        device=r.device,
-        w_dtype=w.dtype,
-    )
+    cfg = launch_config("wkv7", "bwd", config, r, w, v)
     chunked = cfg["MODE"] == "chunked"
     if cfg["MODE"] in ("chunked", "tc") and chunk != CKPT_CHUNK:
         raise ValueError(f"wkv7: the {cfg['MODE']} backward needs {CKPT_CHUNK}-step checkpoints")
@@ -269,7 +245,7 @@ def wkv7_bwd(
             kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
                 r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
                 B * T * H * K if NV > 1 else 0,
-                BK=BK, BKC=min(BK, 32) if path == 1 else min(BK, 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
+                BK=BK, BKC=min(BK, 32 if path == 1 else 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
                 PREC=block_precision(r, w), **opts,
             )  # fmt: skip
     elif not chunked:
