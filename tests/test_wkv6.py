@@ -237,7 +237,7 @@ def test_wkv6_tc_config_errors(device):
 
 
 def test_wkv6_forced_mode_reaches_the_public_op(device, monkeypatch):
-    """``forced_mode`` (what ``scanopt bench``'s scanopt-tc provider uses) switches the public
+    """``forced_mode`` (what ``scanopt bench``'s scanopt-chunked provider uses) switches the public
     op to the tensor-core kernels for fp16 and leaves fp32 and the default alone."""
     seen = []
     original = launch._wkv6_fwd_tc

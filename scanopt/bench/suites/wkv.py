@@ -6,10 +6,12 @@
   ``rwkv-lm`` (a user-built RWKV-LM kernel, see :mod:`scanopt.bench.rwkv_lm`).
 - ``wkv6``: 32 heads x 64, fla's ``[B, T, H, K]`` layout, ``w`` the log decay (``logsigmoid`` of a
   normal sample, as fla's benchmark registry), scale 1. Providers: ``scanopt`` (``scanopt.wkv6``),
-  ``torch`` (loop; L <= 2048), ``fla`` (``fla.ops.rwkv6.chunk_rwkv6``), ``rwkv-lm``.
+  ``scanopt-chunked`` (the CUDA-core chunked family, forced), ``torch`` (loop; L <= 2048),
+  ``fla`` (``fla.ops.rwkv6.chunk_rwkv6``), ``rwkv-lm``.
 - ``wkv7``: 32 heads x 64, ``w = -0.6065 sigmoid(normal)`` (RWKV-7's clamped decay range, so
   RWKV-LM's clampw kernels can run the same inputs), ``a = -kk``, ``b = kk * alpha`` with ``kk``
-  L2-normalised per head. Providers: ``scanopt`` (``scanopt.wkv7``), ``torch`` (loop; L <= 2048),
+  L2-normalised per head. Providers: ``scanopt`` (``scanopt.wkv7``), ``scanopt-chunked``,
+  ``torch`` (loop; L <= 2048),
   ``fla`` (``fla.ops.rwkv7.chunk_rwkv7``), ``rwkv-lm``.
 
 Reference: NumPy where cheap (short sequences only at this width), else the first of the PyTorch
@@ -74,7 +76,7 @@ def _scanopt(name: str, call: Any) -> Any:
 
 
 def _scanopt_mode(name: str, call: Any, mode: str) -> Any:
-    """scanopt's public op with one kernel family forced (``MODE``), e.g. the opt-in ``"tc"``."""
+    """scanopt's public op with one kernel family forced (``MODE``), e.g. ``"chunked"``."""
 
     def load() -> Impl:
         from scanopt.ops._rwkv_common import forced_mode
@@ -86,12 +88,6 @@ def _scanopt_mode(name: str, call: Any, mode: str) -> Any:
         )
 
     return load
-
-
-def _half_only(case: Case) -> str | None:
-    if case.dtype not in ("bfloat16", "float16"):
-        return "the tensor-core kernels take bf16/fp16 only"
-    return None
 
 
 def _rwkv_lm(name: str, call: Any) -> Any:
@@ -273,10 +269,9 @@ class WKV6Suite(_WKVSuite):
             self._providers = [
                 Provider("scanopt", "scanopt.wkv6", _scanopt("wkv6", _v6_torch_call)),
                 Provider(
-                    "scanopt-tc",
-                    "scanopt.wkv6, tensor-core kernels (MODE tc, opt-in)",
-                    _scanopt_mode("wkv6", _v6_torch_call, "tc"),
-                    supports=_half_only,
+                    "scanopt-chunked",
+                    "scanopt.wkv6, chunked CUDA-core kernels (MODE chunked, the pre-tc default)",
+                    _scanopt_mode("wkv6", _v6_torch_call, "chunked"),
                 ),
                 Provider(
                     "torch",
@@ -373,10 +368,9 @@ class WKV7Suite(_WKVSuite):
             self._providers = [
                 Provider("scanopt", "scanopt.wkv7", _scanopt("wkv7", _v7_scaled_call)),
                 Provider(
-                    "scanopt-tc",
-                    "scanopt.wkv7, tensor-core kernels (MODE tc, opt-in)",
-                    _scanopt_mode("wkv7", _v7_scaled_call, "tc"),
-                    supports=_half_only,
+                    "scanopt-chunked",
+                    "scanopt.wkv7, chunked CUDA-core kernels (MODE chunked, the pre-tc default)",
+                    _scanopt_mode("wkv7", _v7_scaled_call, "chunked"),
                 ),
                 Provider(
                     "torch",
