@@ -747,10 +747,14 @@ def wkv6_tc_state_kernel(
         b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_w = tl.load(p_w, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        b_g = tl.cumsum(b_w, axis=0)  # [BS, BK] inclusive log decay from the block start
-        b_gl = last_row(b_g, BS)  # [BK] the whole block's
-        b_kf = b_k * tl.exp(b_gl[None, :] - b_g)  # [BS, BK] decay to the block end, <= 1
-        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kf), b_v, input_precision=PREC)
+        # [BS, BK] log decay from after step t to the block end, summed from the end (the next
+        # rows of w, read again): a difference of two prefix sums would carry ~ulp(|g_end|) of
+        # error into the factors near 1 of the last steps, which dominate the state
+        m_n = ((n * BS + o_s + 1) < T) & (o_s + 1 < BS)
+        b_wn = tl.load(p_w + HK, mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_kf = b_k * tl.exp(tl.cumsum(b_wn, axis=0, reverse=True))  # decay to the block end, <= 1
+        b_h = b_h * tl.exp(tl.sum(b_w, axis=0))[:, None]
+        b_h += tl.dot(tl.trans(b_kf), b_v, input_precision=PREC)
         p_k += BS * HK
         p_w += BS * HK
         p_v += BS * HV
