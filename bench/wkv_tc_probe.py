@@ -8,7 +8,8 @@ Anchor shape (ANCHORS.md): bf16, B 4, H 32, K = V = 64. The launchers are called
 (``launch.wkvN_fwd`` with checkpoints, ``launch.wkvN_bwd`` from them), so each direction's time
 is its kernels' alone; times are medians of ``triton.testing.do_bench``. Sweeps:
 ``serial`` = the serial passes' V-block and warps (``BW``, ``SW``); ``block`` = the parallel
-kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those. A config whose outputs or gradients
+kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those; ``chunk``
+= the chunk length with 4 and 8 warps. A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
 the package (bench/ holds data and scripts only).
 """
@@ -29,6 +30,7 @@ SWEEPS = {
     "serial": [{"BW": bw, "SW": sw} for bw, sw in itertools.product((16, 32, 64), (2, 4, 8))],
     "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
     "quick": [{"BT": 16}, {"BW": 16, "SW": 4}, {"BW": 64, "SW": 8}, {"BW": 32, "SW": 4}],
+    "chunk": [{"BT": 32}, {"BT": 128}, {"num_warps": 8}, {"BT": 128, "num_warps": 8}],
 }
 
 

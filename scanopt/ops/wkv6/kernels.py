@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from scanopt.ops._tc_helpers import (
+    FACTOR_LIMIT,
     decay_to_end,
-    factor_safe,
     last_row,
     next_rows,
     other_path,
@@ -691,11 +691,14 @@ def wkv6_chunk_bwd_kernel(
 #     o_i = (q_i * exp(e_i))^T S + sum_{j<i} A_ij v_j + (sum_k q_i u k_i) v_i,
 #     A_ij = sum_k q_i k_j exp(e_i - g_j)                         (j < i, exponent <= 0)
 #
-# A is never factored as exp(e_i) * exp(-g_j) (that overflows once |g| > 88, i.e. a few steps of
-# w = -20). Rows are taken BC (16) at a time: against keys of EARLIER sub-chunks the factor is split
-# at the sub-chunk's start e_a0, exp(e_i - e_a0) * exp(e_a0 - g_j), both factors <= 1, and the
-# product is a tensor-core dot; within the sub-chunk A is formed exactly, one column at a time.
-# The state passing runs on tensor cores too: h <- exp(g_last) h + (k exp(g_last - g))^T v.
+# A is never factored as exp(e_i) * exp(-g_j) over a whole chunk (that overflows once |g| > 88,
+# i.e. a few steps of w = -20). Rows are taken BC (16) at a time, and the output kernel carries
+# the state from the chunk start through its sub-chunks (h <- exp(gL) h + (k exp(gL - g))^T v, a
+# tensor-core product), so earlier sub-chunks reach a row only through that state. Within a
+# sub-chunk A is one tensor-core product of q exp(e - e_a0) and k exp(e_a0 - g) where the
+# sub-chunk's total decay is bounded (FACTOR_LIMIT), else formed exactly one column at a time.
+# The serial pass over chunks runs on tensor cores too. The log decays come from one cumsum
+# kernel (fp32, from each chunk's start), so the output kernel reads any row of them from memory.
 # What remains inexact is the log-space subtraction itself (~|g| * 2^-24 absolute in each
 # exponent, 1e-4 relative at |g| ~ 1e3), fine for bf16/fp16 inputs; fp32 inputs keep the exact
 # product-of-decays kernels above.
@@ -762,11 +765,43 @@ def wkv6_tc_state_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
+def wkv6_tc_cumsum_kernel(
+    w,  # [B, T, H, K] log decay
+    gi,  # [B, H, NC * BT, K] fp32: inclusive log decay from the start of each BT-step chunk
+    T,
+    H,
+    K,
+    BK: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """The forward's log decays, once, so that the output kernel reads every row it needs
+    (inclusive, exclusive = the row before, a sub-chunk's first and last) from memory instead
+    of forming them with cross-thread scans, shuffles and reductions. Rows past T (w = 0) repeat
+    the last value."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = (T + BT - 1) // BT
+    HK = tl.cast(H, tl.int64) * K
+    o_k = tl.arange(0, BK)
+    t = i_c * BT + tl.arange(0, BT)
+    m_k = o_k < K
+    b_w = tl.load(
+        w + i_b * T * HK + i_h * K + t[:, None] * HK + o_k[None, :],
+        mask=(t < T)[:, None] & m_k[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [BT, BK]
+    p_g = gi + (i_bh * NC * BT + t[:, None]) * K + o_k[None, :]
+    tl.store(p_g, tl.cumsum(b_w, axis=0), mask=m_k[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
 def wkv6_tc_out_kernel(
     r,  # [B, T, H, K]
     k,  # [B, T, H, K]
     v,  # [B, T, H, V]
-    w,  # [B, T, H, K] log decay
+    gi,  # [B, H, NC * BT, K] fp32 inclusive log decay from the chunk start (wkv6_tc_cumsum_kernel)
     u,  # [H, K] bonus
     o,  # [B, T, H, V] output
     hbuf,  # [B, H, NC, K, V] fp32 state before each BT-step chunk
@@ -798,92 +833,73 @@ def wkv6_tc_out_kernel(
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    o_t = tl.arange(0, BT)
     o_i = tl.arange(0, BC)
     m_k = o_k < K
     m_v = o_v < V
     m_h = m_k[:, None] & m_v[None, :]
     o_h = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
-    m_tk = ((t0 + o_t) < T)[:, None] & m_k[None, :]
     base_k = i_b * T * HK + i_h * K + t0 * HK
     base_v = i_b * T * HV + i_h * V + t0 * HV
+    base_g = gi + (i_bh * NC * BT + t0) * K
 
-    # log decays of the whole chunk (earlier sub-chunks' keys are reloaded per sub-chunk, so
-    # only this tile and the state stay live across the loop)
-    p_all = base_k + o_t[:, None] * HK + o_k[None, :]  # [BT, BK]
-    b_gall = tl.cumsum(tl.load(w + p_all, mask=m_tk, other=0.0).to(tl.float32), axis=0)
+    # the state before the sub-chunk, carried through the chunk's sub-chunks on tensor cores
     b_h = tl.load(hbuf + (i_bh * NC + i_c) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    b_gref = tl.zeros([BK], dtype=tl.float32)  # log decay from the chunk to the sub-chunk start
     diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
+    strict = o_i[:, None] > o_i[None, :]
 
     for a in tl.static_range(BT // BC):
-        m_a = (t0 + a * BC + o_i) < T  # [BC]
+        s0 = a * BC  # the sub-chunk's first step in the chunk
+        m_a = (t0 + s0 + o_i) < T  # [BC]
         m_ak = m_a[:, None] & m_k[None, :]
-        p_a = base_k + (a * BC + o_i[:, None]) * HK + o_k[None, :]  # [BC, BK]
+        m_av = m_a[:, None] & m_v[None, :]
+        p_a = base_k + (s0 + o_i[:, None]) * HK + o_k[None, :]  # [BC, BK]
+        p_g = base_g + (s0 + o_i[:, None]) * K + o_k[None, :]
         b_q = tl.load(r + p_a, mask=m_ak, other=0.0).to(tl.float32) * scale
-        b_ka = tl.load(k + p_a, mask=m_ak, other=0.0).to(tl.float32)
-        b_wa = tl.load(w + p_a, mask=m_ak, other=0.0).to(tl.float32)
-        b_va = tl.load(
-            v + base_v + (a * BC + o_i[:, None]) * HV + o_v[None, :],
-            mask=m_a[:, None] & m_v[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BC, BV]
-        before = (o_t < a * BC)[:, None]  # [BT, 1] rows of earlier sub-chunks
-        # [BK] log decay from the chunk start to the sub-chunk start (row a * BC - 1 of g)
-        b_ea0 = tl.sum(tl.where(o_t[:, None] == a * BC - 1, b_gall, 0.0), axis=0)
-        b_g = b_ea0[None, :] + tl.cumsum(b_wa, axis=0)  # [BC, BK] inclusive
-        b_e = prev_rows(b_g, BC) + tl.where(o_i[:, None] == 0, b_ea0[None, :], 0.0)  # exclusive
+        b_k = tl.load(k + p_a, mask=m_ak, other=0.0).to(tl.float32)
+        b_v = tl.load(v + base_v + (s0 + o_i[:, None]) * HV + o_v[None, :], mask=m_av, other=0.0)
+        b_v = b_v.to(tl.float32)  # [BC, BV]
+        b_g = tl.load(p_g, mask=m_k[None, :], other=0.0)  # [BC, BK] inclusive, from the chunk
+        # exclusive: the row before, the same stored value (adjacent pairs get exp(0) = 1 exactly)
+        b_e = tl.load(p_g - K, mask=((s0 + o_i) > 0)[:, None] & m_k[None, :], other=0.0)
+        b_gend = tl.load(base_g + (s0 + BC - 1) * K + o_k, mask=m_k, other=0.0)  # [BK]
+        if STORE_CKPT and s0 % CK == 0:  # both compile-time
+            if t0 + s0 < T:
+                tl.store(ckpt + (i_bh * NCK + (t0 + s0) // CK) * K * V + o_h, b_h, mask=m_h)
 
-        b_o = tl.dot(b_q * tl.exp(b_e), b_h, input_precision=PREC)  # [BC, BV] from the state
-        if a > 0:
-            b_kb = tl.load(k + p_all, mask=before & m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-            b_kf = b_kb * tl.exp(tl.where(before, b_ea0[None, :] - b_gall, float("-inf")))
-            b_qf = b_q * tl.exp(b_e - b_ea0[None, :])  # [BC, BK]
-            b_A = tl.dot(b_qf, tl.trans(b_kf), input_precision=PREC)  # [BC, BT]
-            b_vb = tl.load(
-                v + base_v + o_t[:, None] * HV + o_v[None, :],
-                mask=before & ((t0 + o_t) < T)[:, None] & m_v[None, :],
-                other=0.0,
-            ).to(tl.float32)  # [BT, BV]
-            b_o += tl.dot(b_A, b_vb, input_precision=PREC)
-            if STORE_CKPT and (a * BC) % CK == 0:  # both compile-time
-                if t0 + a * BC < T:
-                    # the state before this sub-chunk: the chunk's, carried over the earlier
-                    # sub-chunks (the factors above, decay to the sub-chunk start)
-                    b_s = b_h * tl.exp(b_ea0)[:, None]
-                    b_s += tl.dot(tl.trans(b_kf), b_vb, input_precision=PREC)
-                    tl.store(ckpt + (i_bh * NCK + (t0 + a * BC) // CK) * K * V + o_h, b_s, mask=m_h)
-        else:
-            if STORE_CKPT:
-                tl.store(ckpt + (i_bh * NCK + t0 // CK) * K * V + o_h, b_h, mask=m_h)
-        # this sub-chunk, exactly, one key column j at a time ([BC, BK] tiles):
-        # A[i, j] = sum_k q_i k_j exp(e_i - g_j) for j < i, plus the bonus on the diagonal
-        b_Ad = tl.where(diag, tl.sum(b_q * b_u[None, :] * b_ka, axis=1)[:, None], 0.0)
+        b_qe = b_q * tl.exp(b_e - b_gref[None, :])  # [BC, BK] decay from the sub-chunk start, <= 1
+        b_o = tl.dot(b_qe, b_h, input_precision=PREC)  # [BC, BV] from the state
+        # the sub-chunk's own pairs: A[i, j] = sum_k q_i k_j exp(e_i - g_j) for j < i, plus the
+        # bonus on the diagonal
+        b_Ad = tl.where(diag, tl.sum(b_q * b_u[None, :] * b_k, axis=1)[:, None], 0.0)
         fac = False
         if FACTOR:
-            fac = factor_safe(b_g - b_ea0[None, :], BC)
+            fac = tl.min(b_gend - b_gref, axis=0) >= -FACTOR_LIMIT
         if fac:
             # bounded decay over the sub-chunk: the factors as products (one tensor-core dot)
-            b_qe = b_q * tl.exp(b_e - b_ea0[None, :])  # [BC, BK]
-            b_kn = b_ka * tl.exp(b_ea0[None, :] - b_g)
-            b_Ad += tl.where(
-                o_i[:, None] > o_i[None, :], tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0
-            )
+            b_kn = b_k * tl.exp(b_gref[None, :] - b_g)  # <= e^FACTOR_LIMIT
+            b_Ad += tl.where(strict, tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0)
         else:
+            # any decay: one key column j at a time, its row read back from memory
             for j in range(0, BC - 1):
-                row_j = (o_i == j)[:, None]  # [BC, 1]
-                b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
-                b_kj = tl.sum(tl.where(row_j, b_ka, 0.0), axis=0)
+                p_j = (s0 + j) * HK + o_k
+                b_kj = tl.load(k + base_k + p_j, mask=m_k & (t0 + s0 + j < T), other=0.0)
+                b_gj = tl.load(base_g + (s0 + j) * K + o_k, mask=m_k, other=0.0)  # [BK]
                 b_x = tl.exp(tl.where((o_i > j)[:, None], b_e - b_gj[None, :], float("-inf")))
-                b_Ad += tl.where(
-                    (o_i == j)[None, :], tl.sum(b_q * b_x * b_kj[None, :], 1)[:, None], 0.0
-                )
-        b_o += tl.dot(b_Ad, b_va, input_precision=PREC)
+                b_col = tl.sum(b_q * b_x * b_kj.to(tl.float32)[None, :], 1)  # [BC]
+                b_Ad += tl.where((o_i == j)[None, :], b_col[:, None], 0.0)
+        b_o += tl.dot(b_Ad, b_v, input_precision=PREC)
         tl.store(
-            o + base_v + (a * BC + o_i[:, None]) * HV + o_v[None, :],
+            o + base_v + (s0 + o_i[:, None]) * HV + o_v[None, :],
             b_o.to(o.dtype.element_ty),
-            mask=m_a[:, None] & m_v[None, :],
+            mask=m_av,
         )
+        if a < BT // BC - 1:  # the state before the next sub-chunk
+            b_kt = b_k * tl.exp(b_gend[None, :] - b_g)  # [BC, BK] decay to the sub-chunk end, <= 1
+            b_h = b_h * tl.exp(b_gend - b_gref)[:, None]
+            b_h += tl.dot(tl.trans(b_kt), b_v, input_precision=PREC)
+            b_gref = b_gend
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,8 +105,8 @@ def wkv6_fwd(
 
 def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     """``MODE="tc"``: the state before every chunk of ``BT`` steps on tensor cores (serial),
-    then every chunk's output in parallel, which also writes the ``CHUNK``-step checkpoints
-    inside its chunk."""
+    the log decays from each chunk's start (one cumsum pass), then every chunk's output in
+    parallel, which also writes the ``CHUNK``-step checkpoints inside its chunk."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     BK, BT = max(16, next_pow2(K)), cfg["BT"]
@@ -118,8 +118,10 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
         k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
     )  # fmt: skip
+    gi = torch.empty((B, H, cdiv(T, BT) * BT, K), dtype=torch.float32, device=r.device)
+    kernels.wkv6_tc_cumsum_kernel[(cdiv(T, BT), B * H)](w, gi, T, H, K, BK=BK, BT=BT, **opts)
     kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
-        r, k, v, w, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
+        r, k, v, gi, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BT=BT, BC=16, CK=cfg["CHUNK"], STORE_CKPT=store_ckpt,
         FACTOR=factor_pairs(w), PREC=block_precision(r, w), **opts,
     )  # fmt: skip
