@@ -708,7 +708,8 @@ def wkv6_chunk_bwd_kernel(
 def wkv6_tc_state_kernel(
     k,  # [B, T, H, K]
     v,  # [B, T, H, V]
-    w,  # [B, T, H, K] log decay
+    gi,  # [B, H, NS * BS, K] fp32 inclusive log decay from each chunk's start (cumsum kernel)
+    gr,  # [B, H, NS * BS, K] fp32 log decay from after each step to its chunk's end
     h0,  # [B, H, K, V] initial state (read when HAS_H0)
     ht,  # [B, H, K, V] fp32 final state
     hbuf,  # [B, H, NS, K, V] fp32: the state before steps 0, BS, 2 BS, ...
@@ -742,25 +743,20 @@ def wkv6_tc_state_kernel(
     if HAS_H0:
         b_h += tl.load(h0 + i_bh * K * V + o_h, mask=m_h, other=0.0).to(tl.float32)
     p_k = k + i_b * T * HK + i_h * K + o_s[:, None] * HK + o_k[None, :]  # [BS, BK]
-    p_w = w + i_b * T * HK + i_h * K + o_s[:, None] * HK + o_k[None, :]
     p_v = v + i_b * T * HV + i_h * V + o_s[:, None] * HV + o_v[None, :]  # [BS, BV]
+    p_g = i_bh * NS * BS * K + o_s[:, None] * K + o_k[None, :]  # [BS, BK] rows of gi / gr
     for n in range(0, NS):
         tl.store(hbuf + (i_bh * NS + n) * K * V + o_h, b_h, mask=m_h)
-        m_t = (n * BS + o_s) < T  # tail rows load as k = v = w = 0: no update, decay 1
+        m_t = (n * BS + o_s) < T  # tail rows load as k = v = 0: no update
         b_k = tl.load(p_k, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_w = tl.load(p_w, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        # [BS, BK] log decay from after step t to the block end, summed from the end (the next
-        # rows of w, read again): a difference of two prefix sums would carry ~ulp(|g_end|) of
-        # error into the factors near 1 of the last steps, which dominate the state
-        m_n = ((n * BS + o_s + 1) < T) & (o_s + 1 < BS)
-        b_wn = tl.load(p_w + HK, mask=m_n[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_kf = b_k * tl.exp(tl.cumsum(b_wn, axis=0, reverse=True))  # decay to the block end, <= 1
-        b_h = b_h * tl.exp(tl.sum(b_w, axis=0))[:, None]
+        b_kf = b_k * tl.exp(tl.load(gr + p_g, mask=m_k[None, :], other=0.0))  # to the end, <= 1
+        b_gl = tl.load(gi + i_bh * NS * BS * K + (n * BS + BS - 1) * K + o_k, mask=m_k, other=0.0)
+        b_h = b_h * tl.exp(b_gl)[:, None]  # the whole chunk's decay
         b_h += tl.dot(tl.trans(b_kf), b_v, input_precision=PREC)
         p_k += BS * HK
-        p_w += BS * HK
         p_v += BS * HV
+        p_g += BS * K
     tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
 
 
@@ -768,16 +764,19 @@ def wkv6_tc_state_kernel(
 def wkv6_tc_cumsum_kernel(
     w,  # [B, T, H, K] log decay
     gi,  # [B, H, NC * BT, K] fp32: inclusive log decay from the start of each BT-step chunk
+    gr,  # [B, H, NC * BT, K] fp32: log decay from after each step to its chunk's end
     T,
     H,
     K,
     BK: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """The forward's log decays, once, so that the output kernel reads every row it needs
-    (inclusive, exclusive = the row before, a sub-chunk's first and last) from memory instead
-    of forming them with cross-thread scans, shuffles and reductions. Rows past T (w = 0) repeat
-    the last value."""
+    """The forward's log decays, once, so that the state pass and the output kernel read every
+    row they need (inclusive, exclusive = the row before, a sub-chunk's first and last, the
+    decay to the chunk end) from memory instead of forming them with cross-thread scans,
+    shuffles and reductions. Rows past T (w = 0) repeat the last value. ``gr`` is summed from the
+    chunk end (the next rows of w), not taken as gi[end] - gi: a difference of two prefix sums is
+    ~ulp(|gi[end]|) off in the factors near 1 of the last steps, which dominate the state."""
     i_c = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -792,8 +791,15 @@ def wkv6_tc_cumsum_kernel(
         mask=(t < T)[:, None] & m_k[None, :],
         other=0.0,
     ).to(tl.float32)  # [BT, BK]
-    p_g = gi + (i_bh * NC * BT + t[:, None]) * K + o_k[None, :]
-    tl.store(p_g, tl.cumsum(b_w, axis=0), mask=m_k[None, :])
+    o_g = (i_bh * NC * BT + t[:, None]) * K + o_k[None, :]
+    tl.store(gi + o_g, tl.cumsum(b_w, axis=0), mask=m_k[None, :])
+    m_n = ((t + 1) < T) & (tl.arange(0, BT) + 1 < BT)  # the next row, inside the chunk
+    b_wn = tl.load(
+        w + i_b * T * HK + i_h * K + (t[:, None] + 1) * HK + o_k[None, :],
+        mask=m_n[:, None] & m_k[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [BT, BK]
+    tl.store(gr + o_g, tl.cumsum(b_wn, axis=0, reverse=True), mask=m_k[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])

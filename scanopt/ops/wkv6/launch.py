@@ -114,12 +114,13 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     prec = TC_PRECISION[r.dtype]
     opts = _launch_opts(cfg)
     serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
+    gi = torch.empty((B, H, cdiv(T, BT) * BT, K), dtype=torch.float32, device=r.device)
+    gr = torch.empty_like(gi)
+    kernels.wkv6_tc_cumsum_kernel[(cdiv(T, BT), B * H)](w, gi, gr, T, H, K, BK=BK, BT=BT, **opts)
     kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
-        k, v, w, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
+        k, v, gi, gr, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
     )  # fmt: skip
-    gi = torch.empty((B, H, cdiv(T, BT) * BT, K), dtype=torch.float32, device=r.device)
-    kernels.wkv6_tc_cumsum_kernel[(cdiv(T, BT), B * H)](w, gi, T, H, K, BK=BK, BT=BT, **opts)
     kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
         r, k, v, gi, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BT=BT, BC=16, CK=cfg["CHUNK"], STORE_CKPT=store_ckpt,
