@@ -181,8 +181,8 @@ def wkv6_bwd(
         prec = TC_PRECISION[r.dtype]
         opts = _launch_opts(cfg)
         serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
-        # chunk-end cotangents every BT steps (serial); each chunk's program carries its
-        # chunk's back through its 16-step blocks
+        # chunk-end cotangents every BT steps (serial); each 16-step block program carries its
+        # chunk's back over the chunk's later rows itself
         dbuf = torch.empty((B, H, cdiv(T, cfg["BT"]), K, V), dtype=torch.float32, device=device)
         kernels.wkv6_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
             r, w, do, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
@@ -191,7 +191,7 @@ def wkv6_bwd(
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
         for path in block_paths(w):
-            kernels.wkv6_tc_bwd_kernel[(cdiv(T, cfg["BT"]), NV, B * H)](
+            kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
                 r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
                 B * T * H * K if NV > 1 else 0,
                 BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PATH=path,
