@@ -9,7 +9,8 @@ Anchor shape (ANCHORS.md): bf16, B 4, H 32, K = V = 64. The launchers are called
 is its kernels' alone; times are medians of ``triton.testing.do_bench``. Sweeps:
 ``serial`` = the serial passes' V-block and warps (``BW``, ``SW``); ``block`` = the parallel
 kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those; ``chunk``
-= the chunk length with 4 and 8 warps. A config whose outputs or gradients
+= the chunk length with 4 and 8 warps; ``carry`` = WKV-6's backward program per chunk
+(``CARRY``) at 4 and 8 warps, and the serial passes at 8 warps. A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
 the package (bench/ holds data and scripts only).
 """
@@ -24,6 +25,8 @@ import time
 import torch
 import triton
 
+from scanopt.ops import _rwkv_common
+
 B, H, K = 4, 32, 64
 NAMES = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", "a", "b")}
 SWEEPS = {
@@ -31,6 +34,7 @@ SWEEPS = {
     "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
     "quick": [{"BT": 16}, {"BW": 16, "SW": 4}, {"BW": 64, "SW": 8}, {"BW": 32, "SW": 4}],
     "chunk": [{"BT": 32}, {"BT": 128}, {"num_warps": 8}, {"BT": 128, "num_warps": 8}],
+    "carry": [{"CARRY": 1}, {"CARRY": 1, "num_warps": 8}, {"num_warps": 8}, {"SW": 8}],
 }
 
 
@@ -46,14 +50,23 @@ def probe(op: str, L: int, configs: list[dict]) -> None:
     x = mod.make_inputs(B, L, H, K, dtype=torch.bfloat16, w_dtype=torch.bfloat16, device="cuda")
     args = [x[n] for n in NAMES[op]]
 
+    def split(cfg: dict | None) -> tuple[dict | None, dict | None]:
+        # each direction takes its own keys (CARRY is the backward's alone)
+        if cfg is None:
+            return None, None
+        keys = _rwkv_common.CONFIG_KEYS
+        return tuple({k: v for k, v in cfg.items() if k in keys[d]} for d in ("fwd", "bwd"))
+
     def run(cfg: dict | None):
-        o, ht, ck = fwd(*args, 1.0, None, True, cfg)
-        grads = bwd(x["do"], None, *args, 1.0, None, ck, 16, cfg)
+        cf, cb = split(cfg)
+        o, ht, ck = fwd(*args, 1.0, None, True, cf)
+        grads = bwd(x["do"], None, *args, 1.0, None, ck, 16, cb)
         return (o, ht, *grads[: len(args)]), ck
 
     def times(cfg: dict | None, ck) -> tuple[float, float]:
-        t_f = triton.testing.do_bench(lambda: fwd(*args, 1.0, None, True, cfg))
-        t_b = triton.testing.do_bench(lambda: bwd(x["do"], None, *args, 1.0, None, ck, 16, cfg))
+        cf, cb = split(cfg)
+        t_f = triton.testing.do_bench(lambda: fwd(*args, 1.0, None, True, cf))
+        t_b = triton.testing.do_bench(lambda: bwd(x["do"], None, *args, 1.0, None, ck, 16, cb))
         return t_f, t_b
 
     base_cfg = {"MODE": "tc"}

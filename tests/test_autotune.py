@@ -722,6 +722,13 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         assert space.allows({**rec, "BT": 64, "BW": 16, "SW": 4}, small, CPU_PROPS)
         assert not space.allows({**rec, "BT": 64, "BW": 16, "SW": 2}, small, CPU_PROPS)
         assert not space.allows({**rec, "BT": 64, "BW": 32, "SW": 4}, small, CPU_PROPS)
+        # CARRY (the tc backward's program per chunk) is WKV-6's tc backward's alone
+        bwd = spaces.get_tunable(op, "bwd").space(small, "bfloat16", CPU_PROPS)
+        assert bwd.params.get("CARRY") == ((0, 1) if op == "wkv6" else None)
+        assert "CARRY" not in space.params
+        if op == "wkv6":
+            assert bwd.allows({**tc8, "BV": 16, "BT": 64, "CARRY": 1}, small, CPU_PROPS)
+            assert not bwd.allows({**rec, "BT": 64, "BW": 16, "CARRY": 1}, small, CPU_PROPS)
 
 
 def test_tune_a_real_op_under_the_interpreter_and_the_op_uses_it(cache):

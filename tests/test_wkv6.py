@@ -204,6 +204,23 @@ def test_wkv6_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_deca
         assert err < 2e-3, (name, err)
 
 
+@pytest.mark.parametrize(
+    "w_dtype,bt", [(torch.float16, 32), (torch.float16, 64), (torch.float32, 64)]
+)
+def test_wkv6_tc_cotangent_carry_matches_reference(
+    device, force_rwkv_mode, blockwise_decay, w_dtype, bt
+):
+    """``CARRY=1``: one backward program per BT-step chunk carries the state cotangent back
+    through its 16-step blocks. "blockwise" puts both decay paths in one chunk (fp16 w: each
+    launch skips the other's blocks but still carries through them; fp32 w: the exact path
+    everywhere); T = 90 ends in a partial chunk; V = 32 in two V-blocks."""
+    force_rwkv_mode("tc", BT=bt, BV=16, CARRY=1)
+    x = op.make_inputs(1, 90, 2, 16, 32, dtype=torch.float16, device=device, decay="rwkv6",
+                       w_dtype=w_dtype, initial_state=True, seed=bt)  # fmt: skip
+    blockwise_decay(x, strong_block=2)
+    op.check_case(x, f"tc-carry-BT{bt}-{w_dtype}").assert_ok()
+
+
 def test_wkv6_tc_dw_stays_fp32_exact_under_strong_decay(device):
     """Under strong decay dw is dominated by terms one step apart (factor exp(w) of that step);
     the tc backward must take that factor as exp(w) itself, not as exp of a difference of
@@ -252,6 +269,11 @@ def test_wkv6_tc_config_errors(device):
     _, _, ck4 = launch.wkv6_fwd(*half, 1.0, None, True, {"MODE": "recurrent", "CHUNK": 4})
     with pytest.raises(ValueError, match="16-step checkpoints"):
         launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck4, 4, {"MODE": "tc"})
+    _, _, ck = launch.wkv6_fwd(*half, 1.0, None, True, {"MODE": "tc"})
+    with pytest.raises(ValueError, match="CARRY must be 0 or 1"):
+        launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck, 16, {"MODE": "tc", "CARRY": 2})
+    with pytest.raises(ValueError, match="CARRY 1 is WKV-6's tc"):
+        launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck, 16, {"MODE": "chunked", "CARRY": 1})
 
 
 def test_wkv6_forced_mode_reaches_the_public_op(device, monkeypatch):

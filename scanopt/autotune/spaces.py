@@ -236,11 +236,13 @@ _RWKV_INPUTS = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", 
 _RWKV_DECAY = {"wkv6": "rwkv6", "wkv7": "rwkv7"}
 
 
-def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps], Space]:
+def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, DeviceProps], Space]:
     tiles = 2 if direction == "fwd" else 5
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps) -> bool:
         bk, bv, nw = next_pow2(s["K"]), c["BV"], c["num_warps"]
+        if c["MODE"] != "tc" and c.get("CARRY", 0):
+            return False  # CARRY (the tc backward's program per chunk) is tc's alone
         if c["MODE"] == "recurrent" and (c.get("BT", 64) != 64 or c.get("BW", 16) != 16):
             return False  # BT, BW (chunk steps, columns) mean nothing to recurrent: one point
         if c["MODE"] != "tc" and c.get("SW", 4) != 4:
@@ -274,6 +276,8 @@ def _rwkv_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
             params["BW"] = tuple(b for b in (16, 32, 64) if b <= max(16, top))
         if "tc" in modes:
             params["SW"] = (2, 4, 8)
+            if op == "wkv6" and direction == "bwd":
+                params["CARRY"] = (0, 1)
         return Space(params, ok)
 
     return space
@@ -355,7 +359,7 @@ def _rwkv_tunables(op: str) -> list[Tunable]:
                 direction=direction,
                 dims=("B", "T", "H", "K", "V"),
                 exact=("K", "V"),
-                space=_rwkv_space(direction),
+                space=_rwkv_space(direction, op),
                 default=default(direction),
                 make_case=make_case(direction),
                 example_shape={"B": 4, "T": 4096, "H": 32, "K": 64, "V": 64},

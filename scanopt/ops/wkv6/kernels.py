@@ -1035,10 +1035,11 @@ def wkv6_tc_bwd_kernel(
     BC: tl.constexpr,
     BT: tl.constexpr,
     PATH: tl.constexpr,
+    CARRY: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(0).to(tl.int64)  # time blocks on grid axis 0: up to 2^31, not 65535
+    i_p = tl.program_id(0).to(tl.int64)  # blocks / chunks on grid axis 0: up to 2^31, not 65535
     i_bh = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -1046,132 +1047,179 @@ def wkv6_tc_bwd_kernel(
     NC = (T + BT - 1) // BT
     HK = tl.cast(H, tl.int64) * K
     HV = tl.cast(H, tl.int64) * V
-    t0 = i_s * BC
-    c0 = (t0 // BT) * BT  # first step of this block's chunk
 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_i = tl.arange(0, BC)
     m_k = o_k < K
     m_v = o_v < V
-    m_t = (t0 + o_i) < T
-    m_x = m_t[:, None] & m_k[None, :]  # [BC, BK]
-    m_y = m_t[:, None] & m_v[None, :]  # [BC, BV]
     base_x = i_b * T * HK + i_h * K
     base_y = i_b * T * HV + i_h * V
-    p_x = base_x + (t0 + o_i[:, None]) * HK + o_k[None, :]
-    p_y = base_y + (t0 + o_i[:, None]) * HV + o_v[None, :]
 
     o_h = o_k[:, None] * V + o_v[None, :]
     m_h = m_k[:, None] & m_v[None, :]
 
-    # PATH 1 takes the blocks whose total decay is bounded (pair factors as products on tensor
-    # cores), PATH 2 the others (one key column at a time), PATH 0 every block (see other_path)
-    if PATH != 0:
-        b_wt = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
-        if other_path(tl.min(tl.sum(b_wt, axis=0), axis=0), PATH):
-            return
-
-    # D_s: the chunk-end cotangent carried back over the chunk's rows after this block
-    b_D = tl.load(dbuf + (i_bh * NC + t0 // BT) * K * V + o_h, mask=m_h, other=0.0)
-    if t0 + BC < tl.minimum(c0 + BT, T):
-        o_c = tl.arange(0, BT)
-        m_c = ((c0 + o_c) >= t0 + BC) & ((c0 + o_c) < T)  # [BT] rows after the block
-        p_c = base_x + (c0 + o_c[:, None]) * HK + o_k[None, :]  # [BT, BK]
-        b_wc = tl.load(w + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_qc = tl.load(r + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
-        b_doc = tl.load(
-            do + base_y + (c0 + o_c[:, None]) * HV + o_v[None, :],
-            mask=m_c[:, None] & m_v[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BT, BV]
-        b_gc = tl.cumsum(b_wc, axis=0)  # [BT, BK] from the block's end; 0 on earlier rows
-        # exclusive decays as g - w: off by ~|g| 2^-24 in the exponent, only where exp(e) is tiny
-        b_qc = b_qc * scale * tl.exp(b_gc - b_wc)
-        b_D = b_D * tl.exp(last_row(b_gc, BT))[:, None] + tl.dot(
-            tl.trans(b_qc), b_doc, input_precision=PREC
-        )
-
-    # (the block's own tiles are loaded after D_s: fewer live registers while it is formed)
-    b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
-    b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
-    b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
     b_u = tl.load(u + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-    b_H = tl.load(ckpt + (i_bh * NS + i_s) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
-
-    diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
-    adjacent = o_i[:, None] == o_i[None, :] + 1  # [t, j]: j = t - 1
-    b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
-    b_e = prev_rows(b_g, BC)  # exact shift: e_t - g_{t-1} is exactly 0
-    b_gl = last_row(b_g, BC)  # [BK]
-    b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
-    b_ew = tl.exp(b_w)  # [BC, BK] the step decays themselves
-    b_lg = decay_to_end(b_g, b_ew, BC)  # [BC, BK] after t to the block end (one-step exact)
-
-    # everything that needs the states first (they are the largest tiles)
-    b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
-    b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # [BC, BK] (D_s v_t)
-    b_dv = tl.dot(b_k * b_lg, b_D, input_precision=PREC)  # [BC, BV]
-    b_dw = tl.exp(b_gl) * tl.sum(b_H * b_D, axis=1)  # [BK] dw's state x state term
-
-    b_M = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BC, BC] do_t . v_j
-    b_c = tl.sum(tl.where(diag, b_M, 0.0), axis=1)  # [BC] v_t . do_t
-    b_Madj = tl.where(adjacent, b_M, 0.0)
-    b_kp = prev_rows(b_k, BC)  # [BC, BK] k_{t-1}
-    b_qn = next_rows(b_q, BC)  # [BC, BK] q_{j+1}
-
-    # pairs j < t - 1, one key column j at a time ([BC, BK] tiles: a [BC, BC, BK] tile spills);
-    # the adjacent pairs (factor 1) are taken apart below
-    b_dqf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_j M[t, j] X[t, j] k_j
-    b_dkf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_t M[t, j] X[t, j] q_t
-    b_A = tl.zeros([BC, BC], dtype=tl.float32)  # the forward's A over far pairs
-    if PATH == 1:
-        # bounded decay over the block: X[t, j] = exp(e_t) exp(-g_j), three tensor-core dots
-        far = o_i[:, None] > o_i[None, :] + 1  # [t, j]: j < t - 1
-        b_Mf = tl.where(far, b_M, 0.0)
-        b_ng = tl.exp(-b_g)  # [BC, BK]
-        b_kn = b_k * b_ng
-        b_qe = b_q * b_eg
-        b_dqf = b_eg * tl.dot(b_Mf, b_kn, input_precision=PREC)
-        b_dkf = b_ng * tl.dot(tl.trans(b_Mf), b_qe, input_precision=PREC)
-        b_A = tl.where(far, tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0)
-    else:
-        for j in range(0, BC - 2):
-            row_j = (o_i == j)[:, None]  # [BC, 1]
-            col_j = (o_i == j)[None, :]  # [1, BC]
-            b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
-            b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
-            b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
-            b_x = tl.exp(tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf")))
-            # one step apart (t = j + 2): that step's exp(w) itself (see decay_to_end)
-            b_ewj = tl.sum(tl.where((o_i == j + 1)[:, None], b_ew, 0.0), axis=0)
-            b_x = tl.where((o_i == j + 2)[:, None], b_ewj[None, :], b_x)
-            b_qx = b_q * b_x  # [BC, BK]
-            b_dqf += b_Mj[:, None] * b_kj[None, :] * b_x
-            b_dkf += tl.where(row_j, tl.sum(b_Mj[:, None] * b_qx, axis=0)[None, :], 0.0)
-            b_A += tl.where(col_j, tl.sum(b_qx * b_kj[None, :], axis=1)[:, None], 0.0)
-    b_dq = b_eg * b_Hdo + b_dqf + tl.sum(b_Madj, axis=1)[:, None] * b_kp
-    b_dq += b_u[None, :] * b_k * b_c[:, None]
-    b_dk = b_lg * b_Dv + b_dkf + tl.sum(b_Madj, axis=0)[:, None] * b_qn
-    b_dk += b_u[None, :] * b_q * b_c[:, None]
-    b_A += tl.where(adjacent, tl.sum(b_q * b_kp, axis=1)[:, None], 0.0)
-    b_A += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_k, axis=1)[:, None], 0.0)
-    b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PREC)
-    b_du = tl.sum(b_q * b_k * b_c[:, None], axis=0)  # [BK]
-
-    # dw (see above): prefix sums over j < t, suffix sums over i > t, the pair term telescoped
-    b_pre = b_k * (b_lg * b_Dv + b_dkf)  # [BC, BK] summed over j < t
-    b_suf = b_q * b_eg * b_Hdo  # summed over i > t
-    b_dw = b_dw[None, :] + prev_rows(tl.cumsum(b_pre, axis=0), BC)
-    b_dw += next_rows(tl.cumsum(b_suf, axis=0, reverse=True), BC)
-    b_dw -= tl.cumsum(b_q * b_dqf, axis=0)
-
-    p_part = i_v * part_stride + p_x
-    tl.store(dr + p_part, (b_dq * scale).to(dr.dtype.element_ty), mask=m_x)
-    tl.store(dk + p_part, b_dk.to(dk.dtype.element_ty), mask=m_x)
-    tl.store(dw + p_part, b_dw.to(dw.dtype.element_ty), mask=m_x)
-    tl.store(dv + p_y, b_dv.to(dv.dtype.element_ty), mask=m_y)
     n_bh = tl.num_programs(2)
-    tl.store(du + ((i_v * NS + i_s) * n_bh + i_bh) * K + o_k, b_du, mask=m_k)
+
+    if CARRY:
+        # one program per BT-step chunk: its blocks last to first, carrying D_s (the cotangent
+        # of the state after block s) back from the chunk end's, D_{s-1} = exp(gL) D_s +
+        # (q exp(e))^T do, one tensor-core product per block. A runtime loop: unrolled, the
+        # block body is 3x the code and spills 3x (sm_90a).
+        c0 = i_p * BT
+        NB = BT // BC
+        if PATH != 0:
+            # a chunk with no block of this launch's path leaves at once (tested with a margin
+            # of 1 towards the path; each block's own test below is exact)
+            margin = 1.0 if PATH == 1 else -1.0
+            n_skip = 0
+            for sb in tl.static_range(BT // BC):
+                m_sb = ((c0 + sb * BC + o_i) < T)[:, None] & m_k[None, :]
+                p_sb = base_x + (c0 + sb * BC + o_i[:, None]) * HK + o_k[None, :]
+                b_wt = tl.load(w + p_sb, mask=m_sb, other=0.0).to(tl.float32)
+                other = other_path(tl.min(tl.sum(b_wt, axis=0), axis=0) + margin, PATH)
+                n_skip += (other | (c0 + sb * BC >= T)).to(tl.int32)
+            if n_skip == BT // BC:
+                return
+        b_D = tl.load(dbuf + (i_bh * NC + i_p) * K * V + o_h, mask=m_h, other=0.0)  # [BK, BV]
+    else:
+        # one program per 16-step block, which forms its D_s from its chunk's end cotangent and
+        # the chunk's later rows itself
+        NB = 1
+        t0 = i_p * BC
+        c0 = (t0 // BT) * BT  # first step of this block's chunk
+        m_t = (t0 + o_i) < T
+        m_x = m_t[:, None] & m_k[None, :]  # [BC, BK]
+        p_x = base_x + (t0 + o_i[:, None]) * HK + o_k[None, :]
+        # PATH 1 takes the blocks whose total decay is bounded (pair factors as products on
+        # tensor cores), PATH 2 the others (one key column at a time), PATH 0 every block (see
+        # other_path)
+        if PATH != 0:
+            b_wt = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+            if other_path(tl.min(tl.sum(b_wt, axis=0), axis=0), PATH):
+                return
+
+        # D_s: the chunk-end cotangent carried back over the chunk's rows after this block
+        b_D = tl.load(dbuf + (i_bh * NC + t0 // BT) * K * V + o_h, mask=m_h, other=0.0)
+        if t0 + BC < tl.minimum(c0 + BT, T):
+            o_c = tl.arange(0, BT)
+            m_c = ((c0 + o_c) >= t0 + BC) & ((c0 + o_c) < T)  # [BT] rows after the block
+            p_c = base_x + (c0 + o_c[:, None]) * HK + o_k[None, :]  # [BT, BK]
+            b_wc = tl.load(w + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_qc = tl.load(r + p_c, mask=m_c[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            b_doc = tl.load(
+                do + base_y + (c0 + o_c[:, None]) * HV + o_v[None, :],
+                mask=m_c[:, None] & m_v[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BT, BV]
+            b_gc = tl.cumsum(b_wc, axis=0)  # [BT, BK] from the block's end; 0 on earlier rows
+            # exclusive decays as g - w: off by ~|g| 2^-24 in the exponent, only where exp(e) is
+            # tiny
+            b_qc = b_qc * scale * tl.exp(b_gc - b_wc)
+            b_D = b_D * tl.exp(last_row(b_gc, BT))[:, None] + tl.dot(
+                tl.trans(b_qc), b_doc, input_precision=PREC
+            )
+
+    for sb in range(0, NB):
+        if CARRY:
+            t0 = c0 + (NB - 1 - sb) * BC
+        if t0 < T:
+            i_s = t0 // BC
+            m_t = (t0 + o_i) < T
+            m_x = m_t[:, None] & m_k[None, :]  # [BC, BK]
+            m_y = m_t[:, None] & m_v[None, :]  # [BC, BV]
+            p_x = base_x + (t0 + o_i[:, None]) * HK + o_k[None, :]
+            p_y = base_y + (t0 + o_i[:, None]) * HV + o_v[None, :]
+            b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
+            b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+            b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
+            b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
+            b_e = prev_rows(b_g, BC)  # exact shift: e_t - g_{t-1} is exactly 0
+            b_gl = last_row(b_g, BC)  # [BK]
+            b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
+            skip = False
+            if CARRY and PATH != 0:  # the one-block kernel's test (it returned early above)
+                skip = other_path(tl.min(tl.sum(b_w, axis=0), axis=0), PATH)
+            if skip == 0:
+                b_k = tl.load(k + p_x, mask=m_x, other=0.0).to(tl.float32)
+                b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
+                b_H = tl.load(ckpt + (i_bh * NS + i_s) * K * V + o_h, mask=m_h, other=0.0)
+
+                diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
+                adjacent = o_i[:, None] == o_i[None, :] + 1  # [t, j]: j = t - 1
+                b_ew = tl.exp(b_w)  # [BC, BK] the step decays themselves
+                b_lg = decay_to_end(
+                    b_g, b_ew, BC
+                )  # [BC, BK] after t to the block end (one-step exact)
+
+                # everything that needs the states first (they are the largest tiles)
+                b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
+                b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # [BC, BK] (D_s v_t)
+                b_dv = tl.dot(b_k * b_lg, b_D, input_precision=PREC)  # [BC, BV]
+                b_dw = tl.exp(b_gl) * tl.sum(b_H * b_D, axis=1)  # [BK] dw's state x state term
+
+                b_M = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BC, BC] do_t . v_j
+                b_c = tl.sum(tl.where(diag, b_M, 0.0), axis=1)  # [BC] v_t . do_t
+                b_Madj = tl.where(adjacent, b_M, 0.0)
+                b_kp = prev_rows(b_k, BC)  # [BC, BK] k_{t-1}
+                b_qn = next_rows(b_q, BC)  # [BC, BK] q_{j+1}
+
+                # pairs j < t - 1, one key column j at a time ([BC, BK] tiles: a [BC, BC, BK] tile spills);
+                # the adjacent pairs (factor 1) are taken apart below
+                b_dqf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_j M[t, j] X[t, j] k_j
+                b_dkf = tl.zeros([BC, BK], dtype=tl.float32)  # sum_t M[t, j] X[t, j] q_t
+                b_A = tl.zeros([BC, BC], dtype=tl.float32)  # the forward's A over far pairs
+                if PATH == 1:
+                    # bounded decay over the block: X[t, j] = exp(e_t) exp(-g_j), three tensor-core dots
+                    far = o_i[:, None] > o_i[None, :] + 1  # [t, j]: j < t - 1
+                    b_Mf = tl.where(far, b_M, 0.0)
+                    b_ng = tl.exp(-b_g)  # [BC, BK]
+                    b_kn = b_k * b_ng
+                    b_qe = b_q * b_eg
+                    b_dqf = b_eg * tl.dot(b_Mf, b_kn, input_precision=PREC)
+                    b_dkf = b_ng * tl.dot(tl.trans(b_Mf), b_qe, input_precision=PREC)
+                    b_A = tl.where(far, tl.dot(b_qe, tl.trans(b_kn), input_precision=PREC), 0.0)
+                else:
+                    for j in range(0, BC - 2):
+                        row_j = (o_i == j)[:, None]  # [BC, 1]
+                        col_j = (o_i == j)[None, :]  # [1, BC]
+                        b_gj = tl.sum(tl.where(row_j, b_g, 0.0), axis=0)  # [BK]
+                        b_kj = tl.sum(tl.where(row_j, b_k, 0.0), axis=0)
+                        b_Mj = tl.sum(tl.where(col_j, b_M, 0.0), axis=1)  # [BC] M[t, j]
+                        b_x = tl.exp(
+                            tl.where((o_i > j + 1)[:, None], b_e - b_gj[None, :], float("-inf"))
+                        )
+                        # one step apart (t = j + 2): that step's exp(w) itself (see decay_to_end)
+                        b_ewj = tl.sum(tl.where((o_i == j + 1)[:, None], b_ew, 0.0), axis=0)
+                        b_x = tl.where((o_i == j + 2)[:, None], b_ewj[None, :], b_x)
+                        b_qx = b_q * b_x  # [BC, BK]
+                        b_dqf += b_Mj[:, None] * b_kj[None, :] * b_x
+                        b_dkf += tl.where(row_j, tl.sum(b_Mj[:, None] * b_qx, axis=0)[None, :], 0.0)
+                        b_A += tl.where(col_j, tl.sum(b_qx * b_kj[None, :], axis=1)[:, None], 0.0)
+                b_dq = b_eg * b_Hdo + b_dqf + tl.sum(b_Madj, axis=1)[:, None] * b_kp
+                b_dq += b_u[None, :] * b_k * b_c[:, None]
+                b_dk = b_lg * b_Dv + b_dkf + tl.sum(b_Madj, axis=0)[:, None] * b_qn
+                b_dk += b_u[None, :] * b_q * b_c[:, None]
+                b_A += tl.where(adjacent, tl.sum(b_q * b_kp, axis=1)[:, None], 0.0)
+                b_A += tl.where(diag, tl.sum(b_q * b_u[None, :] * b_k, axis=1)[:, None], 0.0)
+                b_dv += tl.dot(tl.trans(b_A), b_do, input_precision=PREC)
+                b_du = tl.sum(b_q * b_k * b_c[:, None], axis=0)  # [BK]
+
+                # dw (see above): prefix sums over j < t, suffix sums over i > t, the pair term telescoped
+                b_pre = b_k * (b_lg * b_Dv + b_dkf)  # [BC, BK] summed over j < t
+                b_suf = b_q * b_eg * b_Hdo  # summed over i > t
+                b_dw = b_dw[None, :] + prev_rows(tl.cumsum(b_pre, axis=0), BC)
+                b_dw += next_rows(tl.cumsum(b_suf, axis=0, reverse=True), BC)
+                b_dw -= tl.cumsum(b_q * b_dqf, axis=0)
+
+                p_part = i_v * part_stride + p_x
+                tl.store(dr + p_part, (b_dq * scale).to(dr.dtype.element_ty), mask=m_x)
+                tl.store(dk + p_part, b_dk.to(dk.dtype.element_ty), mask=m_x)
+                tl.store(dw + p_part, b_dw.to(dw.dtype.element_ty), mask=m_x)
+                tl.store(dv + p_y, b_dv.to(dv.dtype.element_ty), mask=m_y)
+                tl.store(du + ((i_v * NS + i_s) * n_bh + i_bh) * K + o_k, b_du, mask=m_k)
+            if CARRY:
+                if sb < NB - 1:  # the cotangent after the block before
+                    b_D = b_D * tl.exp(b_gl)[:, None]
+                    b_D += tl.dot(tl.trans(b_q * b_eg), b_do, input_precision=PREC)

@@ -190,11 +190,12 @@ def wkv6_bwd(
             HAS_H0=h0 is not None, PREC=prec, **serial_opts,
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
+        carry = bool(cfg.get("CARRY", 0))  # configs stored before the key existed lack it
         for path in block_paths(w):
-            kernels.wkv6_tc_bwd_kernel[(NS, NV, B * H)](
+            kernels.wkv6_tc_bwd_kernel[(cdiv(T, cfg["BT"]) if carry else NS, NV, B * H)](
                 r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
                 B * T * H * K if NV > 1 else 0,
-                BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PATH=path,
+                BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PATH=path, CARRY=carry,
                 PREC=block_precision(r, w), **opts,
             )  # fmt: skip
         du = du.flatten(0, 1)
