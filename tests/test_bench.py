@@ -611,6 +611,51 @@ def test_runner_marks_self_referenced_rows_and_unverified_runs():
     assert [r.verified for r in res.rows] == [SKIPPED]
 
 
+def test_runner_reference_names_the_one_trusted_candidate():
+    """``--reference NAME``: the float32 reference comes from that provider alone, even one that
+    is not timed and one the suite lists after others (the WKV suites' scanopt-chunked, which
+    spares fla's float32 autotuning)."""
+
+    class TwoTrusted(_TestSuite):
+        reference_order = ("trusted",)
+        trusted = ("torch", "sdpa-math")
+
+    suite = TwoTrusted()
+    case = Case("attention", TINY_ATTN, "float16")
+    cfg = RunConfig(device="cpu", providers=["torch"], directions=["fwd"], reference="sdpa-math")
+    res = run_case(suite, case, cfg, timing.WallTimer(0, 1))
+    assert res.reference == "sdpa-math in float32"
+    assert [(r.provider, r.verified) for r in res.rows] == [("torch", OK)]
+    cfg = RunConfig(device="cpu", providers=["torch"], directions=["fwd"])
+    assert run_case(suite, case, cfg, timing.WallTimer(0, 1)).reference == "torch in float32"
+
+
+@pytest.mark.parametrize("op", ["wkv6", "wkv7"])
+def test_wkv_rows_verified_against_scanopt_chunked(op):
+    """The WKV-6/7 suites accept scanopt's CUDA-core family in float32 as the reference: the
+    scanopt row (the tc kernels for fp16, the default family here) is then checked against a
+    different kernel family, not marked self."""
+    from scanopt.bench.suites import wkv
+
+    class TrustedOnly(wkv.WKV6Suite if op == "wkv6" else wkv.WKV7Suite):
+        reference_order = ("trusted",)
+
+    suite = TrustedOnly()
+    case = Case(op, (("B", 1), ("L", 37), ("H", 2), ("K", 16)), "float16")
+    cfg = RunConfig(device="cpu", providers=["scanopt"], reference="scanopt-chunked")
+    res = run_case(suite, case, cfg, timing.WallTimer(0, 1))
+    assert res.reference == "scanopt-chunked in float32"
+    assert {r.direction: r.verified for r in res.rows} == {"fwd": OK, "bwd": OK, "fwd+bwd": OK}
+
+
+def test_bench_cli_rejects_an_unknown_reference(capsys):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["bench", "--op", "wkv6", "--reference", "nope"])
+    assert args.func(args) == 2
+    assert "unknown --reference nope" in capsys.readouterr().err
+
+
 def test_runner_scans_with_numpy_reference(monkeypatch):
     from scanopt.bench.registry import Unavailable
     from scanopt.bench.suites import wkv

@@ -1,6 +1,6 @@
 """The ``scanopt bench`` command. ``register(subparsers)`` adds it to the main CLI's parser.
 
-scanopt bench [--op OPS] [--L LENS] [--dtype DTYPES] [--quick] [--providers NAMES]
+scanopt bench [--op OPS] [--L LENS] [--dtype DTYPES] [--quick] [--providers NAMES] [--reference NAME]
               [--directions DIRS] [--format github|plain|csv|json] [--save]
               [--results-dir DIR] [--ceilings] [--cudagraph | --no-cudagraph]
               [--no-verify] [--warmup MS] [--rep MS] [--seed N] [--rwkv-lm ADAPTER] [--list]
@@ -78,6 +78,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         metavar="NAMES",
         help="providers to run, comma-separated (default: all; see --list)",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="NAME",
+        default=None,
+        help="the provider whose float32 run is the reference where NumPy cannot run (default: "
+        "the suite's order, e.g. fla first for WKV-6/7; scanopt-chunked skips fla's float32 "
+        "autotuning)",
     )
     p.add_argument(
         "--directions",
@@ -232,6 +240,13 @@ def run_bench(args: argparse.Namespace) -> int:
                     f"unknown provider(s) {', '.join(unknown)}; the selected ops have "
                     f"{', '.join(sorted(known))}"
                 )
+        if args.reference:
+            known = {p.name for op in ops for p in get_suite(op).providers()}
+            if args.reference not in known:
+                raise ValueError(
+                    f"unknown --reference {args.reference}; the selected ops have "
+                    f"{', '.join(sorted(known))}"
+                )
     except ValueError as e:
         print(f"scanopt bench: {e}", file=sys.stderr)
         return 2
@@ -255,6 +270,7 @@ def run_bench(args: argparse.Namespace) -> int:
         device=DEVICE,
         directions=directions,
         providers=providers,
+        reference=args.reference,
         verify=args.verify,
         cudagraph=args.cudagraph,
         seed=args.seed,

@@ -12,7 +12,8 @@ Verification (``verified`` column), in each suite's ``reference_order``:
    on the same (dtype-rounded) inputs. Its float32 error (~1e-6) is far below the bf16/fp16
    budgets. Independent implementations come first; when the only one left is the provider under
    test itself the row is marked ``self`` (a consistency check, not an independent one). With
-   ``--providers``, only the selected providers (and the PyTorch path) are candidates.
+   ``--providers``, only the selected providers (and the PyTorch path) are candidates;
+   ``--reference NAME`` names the one candidate (any provider of the suite, timed or not).
 
 Each output and gradient must pass ``scanopt.verify``'s rule at the case dtype, with the ``torch``
 provider's same-dtype result as the baseline of the 2x rule when it ran (``scanopt.bench.checks``
@@ -44,6 +45,8 @@ class RunConfig:
     directions: Sequence[str] | None = None
     #: provider names to run (None: all)
     providers: Sequence[str] | None = None
+    #: the one provider the "trusted" reference may come from (None: the suite's order)
+    reference: str | None = None
     verify: bool = True
     #: CUDA-graph timing of forwards (None: the suite's default)
     cudagraph: bool | None = None
@@ -353,7 +356,12 @@ def compute_reference(
             # --providers also bounds the reference candidates (plus the PyTorch path), so that
             # excluding a provider (say, fla for its minutes of autotuning) never runs it
             allowed = None if cfg.providers is None else {*cfg.providers, "torch"}
-            for name in suite.trusted:
+            candidates = suite.trusted
+            if cfg.reference is not None:
+                # --reference: that provider alone (it need not be timed), e.g. scanopt's
+                # CUDA-core family instead of fla, whose float32 autotuning takes minutes
+                candidates, allowed = (cfg.reference,), None
+            for name in candidates:
                 p = by_name.get(name)
                 if p is None or (allowed is not None and name not in allowed):
                     continue

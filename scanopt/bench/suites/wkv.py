@@ -102,7 +102,8 @@ class _WKVSuite(Suite):
     reference_order = ("numpy", "trusted")
     # the PyTorch loop first where it runs (independent, and fla's chunked kernels would autotune
     # again for float32, which takes minutes per shape), then fla, then scanopt itself
-    trusted = ("torch", "fla", "scanopt")
+    # scanopt-chunked (a different kernel family from the tc default) is there for --reference
+    trusted = ("torch", "fla", "scanopt-chunked", "scanopt")
 
     def __init__(self) -> None:
         self._providers: list[Provider] | None = None
