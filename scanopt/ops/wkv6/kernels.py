@@ -914,7 +914,8 @@ def wkv6_tc_out_kernel(
 # With H_s the state before block s (checkpoint) and D_s the cotangent of the state after its
 # last step, every gradient is local to the block. ``wkv6_tc_dstate_kernel`` walks the chunks
 # of BT steps in reverse for the chunk-end cotangents; each block program forms its own D_s
-# from its chunk's and the chunk's later rows. For steps t, j, i of the block, g / e the
+# from its chunk's and the chunk's later rows (CARRY 0), or one program per chunk carries it
+# back through the chunk's blocks (CARRY 1). For steps t, j, i of the block, g / e the
 # inclusive / exclusive log decays from the block start, gL the whole block's, and
 # X[t, j] = exp(e_t - g_j) for j < t (0 otherwise; every factor <= 1, and X[t, t-1] = 1):
 #
