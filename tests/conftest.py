@@ -54,8 +54,11 @@ def force_rwkv_mode(monkeypatch):
             return cfg
 
         monkeypatch.setattr(_rwkv_common, "default_config", forced)
+        # resolved configs are cached per shape: an earlier test's must not answer for this one
+        _rwkv_common._RESOLVED.clear()
 
-    return force
+    yield force
+    _rwkv_common._RESOLVED.clear()
 
 
 @pytest.fixture
