@@ -725,10 +725,14 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         # CARRY (the tc backward's program per chunk) is WKV-6's tc backward's alone
         bwd = spaces.get_tunable(op, "bwd").space(small, "bfloat16", CPU_PROPS)
         assert bwd.params.get("CARRY") == ((0, 1) if op == "wkv6" else None)
-        assert "CARRY" not in space.params
+        assert bwd.params.get("DPASS") == ((0, 1) if op == "wkv6" else None)
+        assert "CARRY" not in space.params and "DPASS" not in space.params
         if op == "wkv6":
-            assert bwd.allows({**tc8, "BV": 16, "BT": 64, "CARRY": 1}, small, CPU_PROPS)
-            assert not bwd.allows({**rec, "BT": 64, "BW": 16, "CARRY": 1}, small, CPU_PROPS)
+            sw = {"BT": 64, "CARRY": 0, "DPASS": 0}
+            assert bwd.allows({**tc8, **sw, "BV": 16, "CARRY": 1, "DPASS": 1}, small, CPU_PROPS)
+            assert not bwd.allows({**rec, **sw, "BW": 16, "CARRY": 1}, small, CPU_PROPS)
+            assert not bwd.allows({**rec, **sw, "BW": 16, "DPASS": 1}, small, CPU_PROPS)
+            assert bwd.allows({**rec, **sw, "BW": 16}, small, CPU_PROPS)
 
 
 def test_tune_a_real_op_under_the_interpreter_and_the_op_uses_it(cache):

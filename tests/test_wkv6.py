@@ -205,20 +205,30 @@ def test_wkv6_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_deca
 
 
 @pytest.mark.parametrize(
-    "w_dtype,bt", [(torch.float16, 32), (torch.float16, 64), (torch.float32, 64)]
+    "w_dtype,bt,carry,dpass",
+    [
+        (torch.float16, 32, 1, 0),
+        (torch.float16, 64, 1, 0),
+        (torch.float32, 64, 1, 0),
+        (torch.float16, 64, 0, 1),
+        (torch.float32, 32, 0, 1),
+        (torch.float16, 32, 1, 1),
+    ],
 )
-def test_wkv6_tc_cotangent_carry_matches_reference(
-    device, force_rwkv_mode, blockwise_decay, w_dtype, bt
+def test_wkv6_tc_backward_switches_match_reference(
+    device, force_rwkv_mode, blockwise_decay, w_dtype, bt, carry, dpass
 ):
-    """``CARRY=1``: one backward program per BT-step chunk carries the state cotangent back
-    through its 16-step blocks. "blockwise" puts both decay paths in one chunk (fp16 w: each
-    launch skips the other's blocks but still carries through them; fp32 w: the exact path
-    everywhere); T = 90 ends in a partial chunk; V = 32 in two V-blocks."""
-    force_rwkv_mode("tc", BT=bt, BV=16, CARRY=1)
+    """The WKV-6 tc backward's switches. ``CARRY=1``: one program per BT-step chunk carries the
+    state cotangent back through its 16-step blocks. ``DPASS=1``: a decay pass writes each
+    block's log decays and the gradient kernel reads them (and its neighbouring key / query
+    rows) from memory. "blockwise" puts both decay paths in one chunk (fp16 w: each launch skips
+    the other's blocks; fp32 w: the exact path everywhere); T = 90 ends in a partial chunk and
+    block; V = 32 in two V-blocks."""
+    force_rwkv_mode("tc", BT=bt, BV=16, CARRY=carry, DPASS=dpass)
     x = op.make_inputs(1, 90, 2, 16, 32, dtype=torch.float16, device=device, decay="rwkv6",
-                       w_dtype=w_dtype, initial_state=True, seed=bt)  # fmt: skip
+                       w_dtype=w_dtype, initial_state=True, seed=bt + carry)  # fmt: skip
     blockwise_decay(x, strong_block=2)
-    op.check_case(x, f"tc-carry-BT{bt}-{w_dtype}").assert_ok()
+    op.check_case(x, f"tc-BT{bt}-carry{carry}-dpass{dpass}-{w_dtype}").assert_ok()
 
 
 def test_wkv6_tc_dw_stays_fp32_exact_under_strong_decay(device):
@@ -274,6 +284,8 @@ def test_wkv6_tc_config_errors(device):
         launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck, 16, {"MODE": "tc", "CARRY": 2})
     with pytest.raises(ValueError, match="CARRY 1 is WKV-6's tc"):
         launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck, 16, {"MODE": "chunked", "CARRY": 1})
+    with pytest.raises(ValueError, match="DPASS must be 0 or 1"):
+        launch.wkv6_bwd(half[2], None, *half, 1.0, None, ck, 16, {"MODE": "tc", "DPASS": -1})
 
 
 def test_wkv6_forced_mode_reaches_the_public_op(device, monkeypatch):

@@ -241,8 +241,8 @@ def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, De
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps) -> bool:
         bk, bv, nw = next_pow2(s["K"]), c["BV"], c["num_warps"]
-        if c["MODE"] != "tc" and c.get("CARRY", 0):
-            return False  # CARRY (the tc backward's program per chunk) is tc's alone
+        if c["MODE"] != "tc" and (c.get("CARRY", 0) or c.get("DPASS", 0)):
+            return False  # CARRY, DPASS (WKV-6 tc backward switches) are tc's alone
         if c["MODE"] == "recurrent" and (c.get("BT", 64) != 64 or c.get("BW", 16) != 16):
             return False  # BT, BW (chunk steps, columns) mean nothing to recurrent: one point
         if c["MODE"] != "tc" and c.get("SW", 4) != 4:
@@ -278,6 +278,7 @@ def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, De
             params["SW"] = (2, 4, 8)
             if op == "wkv6" and direction == "bwd":
                 params["CARRY"] = (0, 1)
+                params["DPASS"] = (0, 1)
         return Space(params, ok)
 
     return space

@@ -45,7 +45,7 @@ def cdiv(x: int, y: int) -> int:
 #: the keys every launch config holds, per direction (the tuner's search space is over these)
 CONFIG_KEYS = {
     "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "SW", "PF", "num_warps", "num_stages"),
-    "bwd": ("MODE", "BT", "BV", "BW", "SW", "CARRY", "PF", "num_warps", "num_stages"),
+    "bwd": ("MODE", "BT", "BV", "BW", "SW", "CARRY", "DPASS", "PF", "num_warps", "num_stages"),
 }
 MODES = ("recurrent", "chunked", "tc")
 #: tl.dot input precision of the tensor-core ("tc") kernels: 3-pass tf32 (about fp32). One-pass
@@ -130,6 +130,10 @@ def default_config(
       its 16-step blocks last to first and carries the state cotangent back through them,
       instead of one program per block that forms it again from the chunk's later rows (0, the
       default: timed on an H100; 1 is not timed yet in its runtime-loop form).
+    - ``DPASS`` (WKV-6 tc backward; 0 or 1): 1 has a decay pass write each 16-step block's log
+      decays (fp32, ``2 * B * H * T * K * 4`` bytes) for the gradient kernel to read, instead of
+      a scan, row shifts and a reduction per block inside it (sm_90a: 1.2 KB -> 0.1 KB of spills
+      at 4 warps). Not timed yet: 0 is the default.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -186,7 +190,7 @@ def default_config(
         if direction == "fwd":
             cfg["CHUNK"] = default_chunk(T, K, V)
         else:
-            cfg["CARRY"] = 0
+            cfg["CARRY"] = cfg["DPASS"] = 0
         return cfg
     if mode == "chunked" and direction == "bwd":
         # throughput-bound: whole V per program (no fp32 partial sums over V-blocks), the
@@ -213,7 +217,7 @@ def default_config(
     if direction == "fwd":
         cfg["CHUNK"] = default_chunk(T, K, V)
     else:
-        cfg["CARRY"] = 0
+        cfg["CARRY"] = cfg["DPASS"] = 0
     return cfg
 
 
@@ -336,10 +340,11 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype=None) 
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
     if cfg["MODE"] not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {cfg}")
-    if cfg.get("CARRY", 0) not in (0, 1):
-        raise ValueError(f"{op} {direction} config: CARRY must be 0 or 1, got {cfg}")
-    if cfg.get("CARRY", 0) and (op != "wkv6" or cfg["MODE"] != "tc"):
-        raise ValueError(f"{op} {direction} config: CARRY 1 is WKV-6's tc backward's, got {cfg}")
+    for key in ("CARRY", "DPASS"):  # WKV-6 tc backward switches
+        if cfg.get(key, 0) not in (0, 1):
+            raise ValueError(f"{op} {direction} config: {key} must be 0 or 1, got {cfg}")
+        if cfg.get(key, 0) and (op != "wkv6" or cfg["MODE"] != "tc"):
+            raise ValueError(f"{op} {direction} config: {key} 1 is WKV-6's tc backward's: {cfg}")
     if cfg["MODE"] in ("chunked", "tc"):
         mode = cfg["MODE"]
         if K > 128:

@@ -1016,6 +1016,8 @@ def wkv6_tc_bwd_kernel(
     k,  # [B, T, H, K]
     v,  # [B, T, H, V]
     w,  # [B, T, H, K] log decay
+    gi,  # [B, H, NS * BC, K] fp32 log decay from each block's start, inclusive (DPASS)
+    gr,  # [B, H, NS * BC, K] fp32 log decay from after each step to its block's end (DPASS)
     u,  # [H, K]
     do,  # [B, T, H, V]
     ckpt,  # [B, H, NS, K, V] fp32 state before each BC-step block
@@ -1037,6 +1039,7 @@ def wkv6_tc_bwd_kernel(
     BT: tl.constexpr,
     PATH: tl.constexpr,
     CARRY: tl.constexpr,
+    DPASS: tl.constexpr,
     PREC: tl.constexpr,
 ):
     i_v = tl.program_id(1).to(tl.int64)
@@ -1135,9 +1138,17 @@ def wkv6_tc_bwd_kernel(
             b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale  # [BC, BK]
             b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
             b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
-            b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
-            b_e = prev_rows(b_g, BC)  # exact shift: e_t - g_{t-1} is exactly 0
-            b_gl = last_row(b_g, BC)  # [BK]
+            if DPASS:
+                # the decay pass's rows: no scan, shift or reduction here (they cost registers:
+                # sm_90a, 4 warps, 1.2 KB of spills without them against 0.1 KB)
+                o_g = (i_bh * NS * BC + t0 + o_i[:, None]) * K + o_k[None, :]  # [BC, BK]
+                b_g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)  # [BC, BK]
+                b_e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+                b_gl = tl.load(gi + (i_bh * NS * BC + t0 + BC - 1) * K + o_k, mask=m_k, other=0.0)
+            else:
+                b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]
+                b_e = prev_rows(b_g, BC)  # exact shift: e_t - g_{t-1} is exactly 0
+                b_gl = last_row(b_g, BC)  # [BK]
             b_eg = tl.exp(b_e)  # [BC, BK] decay from the block start to before t
             skip = False
             if CARRY and PATH != 0:  # the one-block kernel's test (it returned early above)
@@ -1150,9 +1161,10 @@ def wkv6_tc_bwd_kernel(
                 diag = o_i[:, None] == o_i[None, :]  # [BC, BC]
                 adjacent = o_i[:, None] == o_i[None, :] + 1  # [t, j]: j = t - 1
                 b_ew = tl.exp(b_w)  # [BC, BK] the step decays themselves
-                b_lg = decay_to_end(
-                    b_g, b_ew, BC
-                )  # [BC, BK] after t to the block end (one-step exact)
+                if DPASS:  # after t to the block end, summed from the end (one-step exact)
+                    b_lg = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
+                else:  # [BC, BK] after t to the block end (one-step exact)
+                    b_lg = decay_to_end(b_g, b_ew, BC)
 
                 # everything that needs the states first (they are the largest tiles)
                 b_Hdo = tl.dot(b_do, tl.trans(b_H), input_precision=PREC)  # [BC, BK] (H_s do_t)
@@ -1163,8 +1175,14 @@ def wkv6_tc_bwd_kernel(
                 b_M = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BC, BC] do_t . v_j
                 b_c = tl.sum(tl.where(diag, b_M, 0.0), axis=1)  # [BC] v_t . do_t
                 b_Madj = tl.where(adjacent, b_M, 0.0)
-                b_kp = prev_rows(b_k, BC)  # [BC, BK] k_{t-1}
-                b_qn = next_rows(b_q, BC)  # [BC, BK] q_{j+1}
+                if DPASS:  # the neighbouring rows read again (L1 / L2 hits)
+                    m_p = m_x & (o_i > 0)[:, None]
+                    b_kp = tl.load(k + p_x - HK, mask=m_p, other=0.0).to(tl.float32)  # k_{t-1}
+                    m_n = ((t0 + o_i + 1) < T)[:, None] & (o_i < BC - 1)[:, None] & m_k[None, :]
+                    b_qn = tl.load(r + p_x + HK, mask=m_n, other=0.0).to(tl.float32) * scale
+                else:
+                    b_kp = prev_rows(b_k, BC)  # [BC, BK] k_{t-1}
+                    b_qn = next_rows(b_q, BC)  # [BC, BK] q_{j+1}
 
                 # pairs j < t - 1, one key column j at a time ([BC, BK] tiles: a [BC, BC, BK] tile spills);
                 # the adjacent pairs (factor 1) are taken apart below

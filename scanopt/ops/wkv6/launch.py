@@ -191,11 +191,20 @@ def wkv6_bwd(
         )  # fmt: skip
         du = empty((NV, NS, B, H, K), torch.float32, device)
         carry = bool(cfg.get("CARRY", 0))  # configs stored before the key existed lack it
+        dpass = bool(cfg.get("DPASS", 0))
+        gi = gr = dbuf  # (unread without DPASS)
+        if dpass:  # the block-relative log decays, once, for the gradient kernel to read
+            gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
+            gr = torch.empty_like(gi)
+            kernels.wkv6_tc_cumsum_kernel[(NS, B * H)](
+                w, gi, gr, T, H, K, BK=max(16, BK), BT=CKPT_CHUNK, **opts
+            )
         for path in block_paths(w):
             kernels.wkv6_tc_bwd_kernel[(cdiv(T, cfg["BT"]) if carry else NS, NV, B * H)](
-                r, k, v, w, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
+                r, k, v, w, gi, gr, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
                 B * T * H * K if NV > 1 else 0,
                 BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PATH=path, CARRY=carry,
+                DPASS=dpass,
                 PREC=block_precision(r, w), **opts,
             )  # fmt: skip
         du = du.flatten(0, 1)
