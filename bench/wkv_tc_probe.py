@@ -9,8 +9,9 @@ Anchor shape (ANCHORS.md): bf16, B 4, H 32, K = V = 64. The launchers are called
 is its kernels' alone; times are medians of ``triton.testing.do_bench``. Sweeps:
 ``serial`` = the serial passes' V-block and warps (``BW``, ``SW``); ``block`` = the parallel
 kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those; ``chunk``
-= the chunk length with 4 and 8 warps; ``carry`` = WKV-6's backward program per chunk
-(``CARRY``) at 4 and 8 warps, and the serial passes at 8 warps. A config whose outputs or gradients
+= the chunk length with 4 and 8 warps; ``bwd`` = WKV-6's backward switches (``CARRY``: a
+program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
+at 8 warps. A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
 the package (bench/ holds data and scripts only).
 """
@@ -34,7 +35,15 @@ SWEEPS = {
     "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
     "quick": [{"BT": 16}, {"BW": 16, "SW": 4}, {"BW": 64, "SW": 8}, {"BW": 32, "SW": 4}],
     "chunk": [{"BT": 32}, {"BT": 128}, {"num_warps": 8}, {"BT": 128, "num_warps": 8}],
-    "carry": [{"CARRY": 1}, {"CARRY": 1, "num_warps": 8}, {"num_warps": 8}, {"SW": 8}],
+    "bwd": [
+        {"CARRY": 1},
+        {"DPASS": 1},
+        {"CARRY": 1, "DPASS": 1},
+        {"DPASS": 1, "num_warps": 8},
+        {"CARRY": 1, "num_warps": 8},
+        {"num_warps": 8},
+        {"SW": 8},
+    ],
 }
 
 
