@@ -105,8 +105,9 @@ def wkv6_fwd(
 
 def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     """``MODE="tc"``: the state before every chunk of ``BT`` steps on tensor cores (serial),
-    the log decays from each chunk's start (one cumsum pass), then every chunk's output in
-    parallel, which also writes the ``CHUNK``-step checkpoints inside its chunk."""
+    the log decays from each chunk's start (one cumsum pass; two fp32 ``[B, H, T, K]`` buffers
+    that live for the call), then every chunk's output in parallel, which also writes the
+    ``CHUNK``-step checkpoints inside its chunk."""
     B, T, H, K = r.shape
     V = v.shape[-1]
     BK, BT = max(16, next_pow2(K)), cfg["BT"]
