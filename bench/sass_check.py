@@ -107,7 +107,7 @@ def main() -> None:
     install(a.arch)
     import importlib
 
-    from scanopt.ops._rwkv_common import CONFIG_KEYS
+    from scanopt.ops._rwkv_common import direction_config
 
     launch = importlib.import_module(f"scanopt.ops.{a.op}.launch")
     mod = importlib.import_module(f"scanopt.ops.{a.op}.op")
@@ -116,7 +116,7 @@ def main() -> None:
                         w_dtype=getattr(torch, a.w_dtype) if a.w_dtype else dtype)  # fmt: skip
     args = [x[n] for n in NAMES[a.op]]
     cfg = json.loads(a.cfg)
-    cf, cb = ({k: v for k, v in cfg.items() if k in CONFIG_KEYS[d]} for d in ("fwd", "bwd"))
+    cf, cb = direction_config(cfg, "fwd"), direction_config(cfg, "bwd")
     fwd, bwd = getattr(launch, f"{a.op}_fwd"), getattr(launch, f"{a.op}_bwd")
     _, _, ckpt = fwd(*args, 1.0, None, True, cf)
     bwd(x["do"], None, *args, 1.0, None, ckpt, 16, cb)

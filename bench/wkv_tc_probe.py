@@ -63,8 +63,7 @@ def probe(op: str, L: int, configs: list[dict]) -> None:
         # each direction takes its own keys (CARRY is the backward's alone)
         if cfg is None:
             return None, None
-        keys = _rwkv_common.CONFIG_KEYS
-        return tuple({k: v for k, v in cfg.items() if k in keys[d]} for d in ("fwd", "bwd"))
+        return _rwkv_common.direction_config(cfg, "fwd"), _rwkv_common.direction_config(cfg, "bwd")
 
     def run(cfg: dict | None):
         cf, cb = split(cfg)
@@ -113,7 +112,9 @@ def main() -> None:
     ap.add_argument("--sweep", default="serial,block", help="comma-separated: serial, block, quick")
     a = ap.parse_args()
     configs = [c for name in a.sweep.split(",") for c in SWEEPS[name]]
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+    )
     for L in (int(v) for v in a.L.split(",")):
         probe(a.op, L, configs)
 

@@ -232,21 +232,19 @@ def run_bench(args: argparse.Namespace) -> int:
         if directions and any(d not in DIRECTIONS for d in directions):
             raise ValueError(f"--directions takes {', '.join(DIRECTIONS)}")
         providers = _split(args.providers)
+        known = {p.name for op in ops for p in get_suite(op).providers()}
         if providers:
-            known = {p.name for op in ops for p in get_suite(op).providers()}
             unknown = [p for p in providers if p not in known]
             if unknown:
                 raise ValueError(
                     f"unknown provider(s) {', '.join(unknown)}; the selected ops have "
                     f"{', '.join(sorted(known))}"
                 )
-        if args.reference:
-            known = {p.name for op in ops for p in get_suite(op).providers()}
-            if args.reference not in known:
-                raise ValueError(
-                    f"unknown --reference {args.reference}; the selected ops have "
-                    f"{', '.join(sorted(known))}"
-                )
+        if args.reference and args.reference not in known:
+            raise ValueError(
+                f"unknown --reference {args.reference}; the selected ops have "
+                f"{', '.join(sorted(known))}"
+            )
     except ValueError as e:
         print(f"scanopt bench: {e}", file=sys.stderr)
         return 2

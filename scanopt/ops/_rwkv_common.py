@@ -48,6 +48,14 @@ CONFIG_KEYS = {
     "bwd": ("MODE", "BT", "BV", "BW", "SW", "CARRY", "DPASS", "PF", "num_warps", "num_stages"),
 }
 MODES = ("recurrent", "chunked", "tc")
+
+
+def direction_config(config: dict, direction: str) -> dict:
+    """The keys of ``config`` that ``direction``'s launches take (``CONFIG_KEYS``): one config
+    written for both directions, split (``CHUNK`` is the forward's, ``CARRY`` the backward's)."""
+    return {k: v for k, v in config.items() if k in CONFIG_KEYS[direction]}
+
+
 #: tl.dot input precision of the tensor-core ("tc") kernels: 3-pass tf32 (about fp32). One-pass
 #: tf32 rounds the fp32 decay-scaled operands to 2^-11, ~1e-4 relative in the fp32 final state
 #: and dh0, over the verify limit there (2x the fp32 PyTorch path's error, at least 4e-6)
@@ -309,9 +317,8 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype=None) 
     mode = (config or {}).get("MODE")
     forced, overrides = _FORCED.get(op, (None, {}))
     if mode is None and forced is not None and mode_applies(forced, dtype):
-        keys = CONFIG_KEYS.get(direction, ())
         mode = forced
-        config = {**{k: v for k, v in overrides.items() if k in keys}, **(config or {})}
+        config = {**direction_config(overrides, direction), **(config or {})}
         config["MODE"] = forced
     if mode is not None and mode not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {mode!r}")
