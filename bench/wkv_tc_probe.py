@@ -11,7 +11,8 @@ is its kernels' alone; times are medians of ``triton.testing.do_bench``. Sweeps:
 kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those; ``chunk``
 = the chunk length with 4 and 8 warps; ``bwd`` = WKV-6's backward switches (``CARRY``: a
 program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
-at 8 warps. A config whose outputs or gradients
+at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``recfwd`` = the recurrent family's
+V-block and prefetch depth (for its forward time: the tc backward reads its checkpoints). A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
 the package (bench/ holds data and scripts only).
 """
@@ -35,6 +36,13 @@ SWEEPS = {
     "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
     "quick": [{"BT": 16}, {"BW": 16, "SW": 4}, {"BW": 64, "SW": 8}, {"BW": 32, "SW": 4}],
     "chunk": [{"BT": 32}, {"BT": 128}, {"num_warps": 8}, {"BT": 128, "num_warps": 8}],
+    "recfwd": [
+        {"MODE": "recurrent"},
+        {"MODE": "recurrent", "BV": 4},
+        {"MODE": "recurrent", "BV": 16},
+        {"MODE": "recurrent", "PF": 8},
+    ],
+    "warps": [{"num_warps": 2}, {"num_warps": 2, "BV": 32}, {"BV": 32}],
     "bwd": [
         {"CARRY": 1},
         {"DPASS": 1},
@@ -109,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", choices=("wkv6", "wkv7"), required=True)
     ap.add_argument("--L", default="4096", help="comma-separated lengths")
-    ap.add_argument("--sweep", default="serial,block", help="comma-separated: serial, block, quick")
+    ap.add_argument("--sweep", default="serial,block", help="comma-separated: " + ", ".join(SWEEPS))
     a = ap.parse_args()
     configs = [c for name in a.sweep.split(",") for c in SWEEPS[name]]
     print(

@@ -579,6 +579,18 @@ def test_wkv6_gpu_many_programs(gpu_mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("carry,dpass,warps", [(1, 0, 4), (0, 0, 4), (1, 1, 4), (0, 1, 8)])
+@pytest.mark.parametrize("T,dtype", [(4096, torch.bfloat16), (300, torch.float16)])
+def test_wkv6_gpu_tc_bwd_switches(force_rwkv_mode, carry, dpass, warps, T, dtype):
+    """The tc backward's switches off their defaults (CARRY 1, DPASS 0, 8 warps) at the default
+    block sizes."""
+    force_rwkv_mode("tc", CARRY=carry, DPASS=dpass, num_warps=warps)
+    x = op.make_inputs(2, T, 2, 64, dtype=dtype, device="cuda", decay="mixed",
+                       w_dtype=_w_dtype(dtype), initial_state=True, seed=T + carry)  # fmt: skip
+    op.check_case(x, f"T{T}-{dtype}-C{carry}D{dpass}W{warps}").assert_ok()
+
+
+@pytest.mark.gpu
 def test_wkv6_gpu_self_check():
     assert all(rep.passed for rep in op.self_check("cuda", quick=False))
 

@@ -137,11 +137,12 @@ def default_config(
     - ``CARRY`` (WKV-6 tc backward; 0 or 1): 1 runs one program per ``BT``-step chunk that walks
       its 16-step blocks last to first and carries the state cotangent back through them,
       instead of one program per block that forms it again from the chunk's later rows (0, the
-      default: timed on an H100; 1 is not timed yet in its runtime-loop form).
+      default: 1 was 1.18x / 1.16x slower in the backward on an H100 at 4k / 16k, 2026-12-07).
     - ``DPASS`` (WKV-6 tc backward; 0 or 1): 1 has a decay pass write each 16-step block's log
       decays (fp32, ``2 * B * H * T * K * 4`` bytes) for the gradient kernel to read, instead of
-      a scan, row shifts and a reduction per block inside it (sm_90a: 1.2 KB -> 0.1 KB of spills
-      at 4 warps). Not timed yet: 0 is the default.
+      a scan, row shifts and a reduction per block inside it (sm_90a: 1.2 KB -> 0.4 KB of spills
+      at 4 warps). The default since 2026-12-07 (H100, bf16, B 4, H 32, K 64: backward 1.24x /
+      1.27x faster at 4k / 16k); 0 keeps the in-kernel scans.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -198,7 +199,8 @@ def default_config(
         if direction == "fwd":
             cfg["CHUNK"] = default_chunk(T, K, V)
         else:
-            cfg["CARRY"] = cfg["DPASS"] = 0
+            # H100, 2026-12-07: WKV-6's decay pass, bwd 3.94 -> 3.17 ms (4k), 15.8 -> 12.5 (16k)
+            cfg["CARRY"], cfg["DPASS"] = 0, int(op == "wkv6")
         return cfg
     if mode == "chunked" and direction == "bwd":
         # throughput-bound: whole V per program (no fp32 partial sums over V-blocks), the
