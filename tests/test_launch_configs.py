@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from scanopt._env import interpreting
-from scanopt.autotune import store
+from scanopt.autotune import spaces, store
 from scanopt.autotune.device import device_props
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (CPU)")
@@ -29,7 +29,9 @@ def user_store(tmp_path, monkeypatch):
 
 
 def _record(op, direction, shape, config, *, dtype="float32", triton_version=None):
-    e = store.make_entry(device_props("cpu"), op, direction, dtype, shape, config)
+    # the Tunable's exact dims, as `scanopt tune` records them
+    exact = spaces.get_tunable(op, direction).exact
+    e = store.make_entry(device_props("cpu"), op, direction, dtype, shape, config, exact=exact)
     if triton_version is not None:
         e["triton"] = triton_version
     store.record(e)
@@ -80,6 +82,7 @@ def _attn(direction, shape):
     return launch.launch_config(
         direction, batch=shape["B"], heads=shape["H"], lq=shape["L"], head_dim=shape["D"],
         head_dim_v=shape["D"], dtype=torch.float32, causal=bool(shape["causal"]), device=CPU,
+        seq_first=bool(shape["seq"]),
     )  # fmt: skip
 
 
@@ -94,7 +97,7 @@ def _attn_default(direction, shape):
 
 WKV4_SHAPE = {"B": 1, "T": 45, "C": 40}
 RWKV_SHAPE = {"B": 1, "T": 19, "H": 2, "K": 16, "V": 16}
-ATTN_SHAPE = {"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1}
+ATTN_SHAPE = {"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1, "seq": 1}
 
 # (op, direction, shape, resolver, default, a tuned config different from the default)
 CASES = [
@@ -171,14 +174,27 @@ def test_attention_public_call_launches_the_tuned_config(user_store, monkeypatch
     import scanopt
     from scanopt.ops.attention import kernels
 
-    shape = {"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1}
-    _record("attention", "fwd", shape, {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2})
+    shape = {"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1, "seq": 1}
+    _record("attention", "fwd", shape, {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 2})
     spy = _Spy()
     monkeypatch.setattr(kernels, "attn_fwd_kernel", spy)
     q, k, v = (torch.randn(1, 40, 2, 32) for _ in range(3))
     scanopt.flash_attn_func(q, k, v, causal=True)
     (kw,) = spy.calls
-    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"]) == (16, 32, 2)
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"]) == (32, 64, 2)
+    # the memory layout is part of the key: (B, H, L, D)-contiguous tensors through SDPA do not
+    # take the seq-first entry, but their own
+    spy.calls.clear()
+    qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    scanopt.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    (kw,) = spy.calls
+    assert (kw["BLOCK_M"], kw["BLOCK_N"]) != (32, 64)
+    _record("attention", "fwd", {**shape, "seq": 0}, {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 2})
+    scanopt.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+    assert (spy.calls[-1]["BLOCK_M"], spy.calls[-1]["BLOCK_N"]) == (64, 16)
+    scanopt.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True)  # fmt: skip
+    assert (spy.calls[-1]["BLOCK_M"], spy.calls[-1]["BLOCK_N"]) == (32, 64)  # seq-first views
 
 
 @pytest.mark.parametrize("op", ["wkv6", "wkv7"])

@@ -775,29 +775,35 @@ def _attention() -> list[Tunable]:
                 return {"scale": s["D"] ** -0.5, "diag": diag, "left": left, "right": right}
 
             def make_inputs(s: Mapping[str, int], d: Any, dev: Any, sd: int) -> dict[str, Any]:
-                # the layout the public ops see: flash_attn_func's (B, L, H, D) memory, and
-                # what models pass to SDPA (q.view(B, L, H, D).transpose(1, 2)), as logical
-                # (B, H, L, D) views with outputs allocated seq-first. A config tuned on
-                # (B, H, L, D)-contiguous inputs measured 1.28x faster there and 2.8x slower
-                # through flash_attn_func (H100, 2026-12-07, bench/notes/autotune.md).
+                # the layout the public ops see, which is part of the shape key (``seq``): 1 =
+                # flash_attn_func's (B, L, H, D) memory, and what models pass to SDPA
+                # (q.view(B, L, H, D).transpose(1, 2)), as logical (B, H, L, D) views with
+                # outputs allocated seq-first; 0 = (B, H, L, D)-contiguous tensors. A config
+                # tuned on the second measured 1.28x faster there and 2.8x slower on the first
+                # (H100, 2026-12-07, bench/notes/autotune.md).
                 g = torch_generator(sd)
-                dims = (s["B"], s["L"], s["H"], s["D"])
-                x = {n: randn(dims, g, d, dev).transpose(1, 2) for n in ("q", "k", "v", "dout")}
-                x["mask"] = mask(s)
+                seq_first = bool(s["seq"])
+                if seq_first:
+                    dims = (s["B"], s["L"], s["H"], s["D"])
+                    x = {n: randn(dims, g, d, dev).transpose(1, 2) for n in ("q", "k", "v", "dout")}
+                else:
+                    dims = (s["B"], s["H"], s["L"], s["D"])
+                    x = {n: randn(dims, g, d, dev) for n in ("q", "k", "v", "dout")}
+                x["mask"], x["seq_first"] = mask(s), seq_first
                 if direction == "bwd":
                     x["out"], x["lse"] = launch.attention_fwd(
-                        x["q"], x["k"], x["v"], seq_first=True, **x["mask"]
+                        x["q"], x["k"], x["v"], seq_first=seq_first, **x["mask"]
                     )
                 return x
 
             def run(x: dict[str, Any], config: Config) -> dict[str, Any]:
                 if direction == "fwd":
                     out, lse = launch.attention_fwd(x["q"], x["k"], x["v"], config=config,
-                                                    seq_first=True, **x["mask"])  # fmt: skip
+                                                    seq_first=x["seq_first"], **x["mask"])  # fmt: skip
                     return {"out": out, "lse": lse}
                 dq, dk, dv = launch.attention_bwd(
                     x["dout"], x["q"], x["k"], x["v"], x["out"], x["lse"], None, config=config,
-                    seq_first=True, **x["mask"],
+                    seq_first=x["seq_first"], **x["mask"],
                 )  # fmt: skip
                 return {"dq": dq, "dk": dk, "dv": dv}
 
@@ -839,16 +845,21 @@ def _attention() -> list[Tunable]:
         Tunable(
             op="attention",
             direction=direction,
-            dims=("B", "H", "L", "D", "causal"),
-            exact=("D", "causal"),
+            # seq: 1 = seq-first memory (flash_attn_func, SDPA on transposed views), 0 =
+            # (B, H, L, D)-contiguous; the best tile differs with it
+            dims=("B", "H", "L", "D", "causal", "seq"),
+            exact=("D", "causal", "seq"),
             space=fwd_space if direction == "fwd" else bwd_space,
             default=default(direction),
             make_case=make_case(direction),
-            example_shape={"B": 4, "H": 16, "L": 4096, "D": 128, "causal": 1},
+            example_shape={"B": 4, "H": 16, "L": 4096, "D": 128, "causal": 1, "seq": 1},
+            # both layouts: `scanopt bench`'s SDPA rows pass (B, H, L, D)-contiguous tensors
             bench_shapes=tuple(
-                {"B": 4, "H": 16, "L": n, "D": 128, "causal": 1} for n in ANCHOR_LENGTHS
+                {"B": 4, "H": 16, "L": n, "D": 128, "causal": 1, "seq": seq}
+                for n in ANCHOR_LENGTHS
+                for seq in (1, 0)
             ),
-            test_shape={"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1},
+            test_shape={"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1, "seq": 1},
             requires="scanopt.ops.attention.launch",
             description=f"flash attention {direction} (causal)",
         )

@@ -176,17 +176,21 @@ def launch_config(
     dtype: torch.dtype,
     causal: bool,
     device: torch.device,
+    seq_first: bool = False,
 ) -> dict[str, Any]:
     """The config a launcher uses when none is passed: :func:`default_config`, replaced by a
     tuned config for this GPU and shape bucket when the config store has one
-    (``scanopt.autotune``, op ``"attention"``, shape ``{B, H, L, D, causal}`` with L the query
-    length; consulted where the kernels run: CUDA, or the CPU under the interpreter).
+    (``scanopt.autotune``, op ``"attention"``, shape ``{B, H, L, D, causal, seq}`` with L the
+    query length and ``seq`` 1 for seq-first memory; consulted where the kernels run: CUDA, or
+    the CPU under the interpreter). The memory layout is part of the key because the best tile
+    differs with it: a config tuned on ``(B, H, L, D)``-contiguous tensors ran 2.8x slower on
+    seq-first ones (H100, 2026-12-07).
 
-    Cached per (direction, shapes, dtype, causal, device): a dict access after the first call.
-    The returned dict is shared; callers must not mutate it.
+    Cached per (direction, shapes, dtype, causal, device, layout): a dict access after the
+    first call. The returned dict is shared; callers must not mutate it.
     """
     compiling = torch.compiler.is_compiling()  # sizes may be symbolic: no cache
-    key = (direction, batch, heads, lq, head_dim, head_dim_v, dtype, causal, device)
+    key = (direction, batch, heads, lq, head_dim, head_dim_v, dtype, causal, device, seq_first)
     cfg = None if compiling else _RESOLVED.get(key)
     if cfg is None:
         cfg = default_config(
@@ -194,7 +198,8 @@ def launch_config(
             device=device,
         )  # fmt: skip
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-            shape = {"B": batch, "H": heads, "L": lq, "D": head_dim, "causal": int(causal)}
+            shape = {"B": batch, "H": heads, "L": lq, "D": head_dim, "causal": int(causal),
+                     "seq": int(seq_first)}  # fmt: skip
             cfg = tuned_config("attention", direction, dtype, shape, cfg, device=device)
         if not compiling:
             _RESOLVED[key] = cfg
@@ -269,7 +274,7 @@ def attention_fwd(
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config or launch_config(
         "fwd", batch=bsz, heads=hq, lq=lq, head_dim=d, head_dim_v=dv, dtype=q.dtype,
-        causal=right == 0, device=q.device,
+        causal=right == 0, device=q.device, seq_first=seq_first,
     )  # fmt: skip
     out = _alloc((bsz, hq, lq, dv), seq_first, q)
     lse = empty((bsz, hq, lq), torch.float32, q.device)
@@ -322,7 +327,7 @@ def attention_bwd(
     group = hq // hk
     cfg = config or launch_config(
         "bwd", batch=bsz, heads=hq, lq=lq, head_dim=d, head_dim_v=dv_, dtype=q.dtype,
-        causal=right == 0, device=q.device,
+        causal=right == 0, device=q.device, seq_first=seq_first,
     )  # fmt: skip
     dq = _alloc((bsz, hq, lq, d), seq_first, q)
     dk = _alloc((bsz, hk, lk, d), seq_first, k)
