@@ -614,9 +614,9 @@ def test_sum_partials_is_the_torch_sum(device, dtype, n_parts, shape):
 
 
 def test_wkv_default_family_follows_the_dtypes(device, monkeypatch):
-    """The tc family is the default for bf16/fp16 inputs with a bf16/fp16 w (K <= 128); an fp32
-    w, fp32 inputs or K > 128 keep the CUDA-core families. The public op resolves with w's
-    dtype."""
+    """The tc family is the default for bf16/fp16 inputs with a bf16/fp16 w (K <= 128), except
+    for WKV-7's forward (recurrent); an fp32 w, fp32 inputs or K > 128 keep the CUDA-core
+    families. The public op resolves with w's dtype."""
     from scanopt.ops import _rwkv_common as common
 
     for op_name in ("wkv6", "wkv7"):
@@ -628,8 +628,10 @@ def test_wkv_default_family_follows_the_dtypes(device, monkeypatch):
                 )
                 return cfg["MODE"]
 
-            assert mode(torch.bfloat16, torch.bfloat16) == "tc"
-            assert mode(torch.float16, torch.float16) == "tc"
+            # WKV-7's forward: the recurrent kernel (faster; the tc backward reads its checkpoints)
+            want = "recurrent" if (op_name, direction) == ("wkv7", "fwd") else "tc"
+            assert mode(torch.bfloat16, torch.bfloat16) == want
+            assert mode(torch.float16, torch.float16) == want
             assert mode(torch.float16, torch.float32) != "tc"
             assert mode(torch.float32, torch.float32) != "tc"
             assert mode(torch.bfloat16, torch.bfloat16, K=256) != "tc"

@@ -126,7 +126,8 @@ def default_config(
       checkpoints and the state cotangents of a serial reverse pass (WKV-6: every ``BT``
       steps, each block carrying its chunk's cotangent back itself; its forward's serial pass
       also walks ``BT`` steps and the output kernel writes the checkpoints). The default for
-      ``op`` WKV-6 / WKV-7 with bf16/fp16 inputs and a bf16/fp16 ``w`` (K <= 128) since the
+      ``op`` WKV-6 / WKV-7 with bf16/fp16 inputs and a bf16/fp16 ``w`` (K <= 128; WKV-7's
+      forward keeps the recurrent kernel, faster there, whose checkpoints it reads) since the
       rework of 2026-12-07 (factored pair products in blocks of bounded decay, serial passes
       per ``BT``-step chunk): H100, fwd+bwd 2.3-2.5x faster than the recurrent default for
       WKV-6 at 1k-16k, ~1.45x for WKV-7 at 4k.
@@ -170,6 +171,11 @@ def default_config(
             # the default's fwd+bwd time for WKV-6 at 1k / 4k / 16k and ~0.68x for WKV-7 at 4k
             # (profiler kernel sums). An fp32 w keeps the exact pairwise tc path, not timed
             mode = "tc"
+            if op == "wkv7" and direction == "fwd":
+                # H100, 2026-12-07 (wkv7.md, ninth session): the recurrent forward is faster
+                # than the tc one (five latency-bound block kernels) and writes the same
+                # 16-step checkpoints the tc backward reads
+                mode = "recurrent"
         elif op == "wkv6" and direction == "fwd" and T >= 256 and K <= 128:
             # H100, 2026-12-05 (bench/notes/wkv6.md): the chunked forward took 0.61 / 0.57 /
             # 0.57x the recurrent one's time at T = 1k / 4k / 16k; WKV-7's chunked forward is
