@@ -11,8 +11,10 @@ is its kernels' alone; times are medians of ``triton.testing.do_bench``. Sweeps:
 kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of those; ``chunk``
 = the chunk length with 4 and 8 warps; ``bwd`` = WKV-6's backward switches (``CARRY``: a
 program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
-at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``recfwd`` = the recurrent family's
-V-block and prefetch depth (for its forward time: the tc backward reads its checkpoints). A config whose outputs or gradients
+at 8 warps; ``dpass`` = the backward's decay pass (WKV-6's default, WKV-7's opt-in) on and off,
+and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``recfwd`` = the recurrent
+family's V-block and prefetch depth (for its forward time: the tc backward reads its
+checkpoints). A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
 the package (bench/ holds data and scripts only).
 """
@@ -36,6 +38,7 @@ SWEEPS = {
     "block": [{"BT": 16}, {"BT": 32}, {"BT": 128}, {"num_warps": 4}],
     "quick": [{"BT": 16}, {"BW": 16, "SW": 4}, {"BW": 64, "SW": 8}, {"BW": 32, "SW": 4}],
     "chunk": [{"BT": 32}, {"BT": 128}, {"num_warps": 8}, {"BT": 128, "num_warps": 8}],
+    "dpass": [{"DPASS": 1}, {"DPASS": 1, "num_warps": 8}, {"DPASS": 0}],
     "recfwd": [
         {"MODE": "recurrent"},
         {"MODE": "recurrent", "BV": 4},

@@ -731,7 +731,7 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         # CARRY (the tc backward's program per chunk) is WKV-6's tc backward's alone
         bwd = spaces.get_tunable(op, "bwd").space(small, "bfloat16", CPU_PROPS)
         assert bwd.params.get("CARRY") == ((0, 1) if op == "wkv6" else None)
-        assert bwd.params.get("DPASS") == ((0, 1) if op == "wkv6" else None)
+        assert bwd.params.get("DPASS") == (0, 1)
         assert "CARRY" not in space.params and "DPASS" not in space.params
         if op == "wkv6":
             sw = {"BT": 64, "CARRY": 0, "DPASS": 0}

@@ -164,6 +164,40 @@ def test_wkv7_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_deca
         assert err < 2e-3, (name, err)
 
 
+@pytest.mark.parametrize(
+    "w_dtype,K,V",
+    [(torch.float16, 16, 32), (torch.float32, 16, 16), (torch.float16, 64, 32)],
+)
+def test_wkv7_tc_decay_pass_matches_reference(device, force_rwkv_mode, blockwise_decay, w_dtype,
+                                              K, V):  # fmt: skip
+    """``DPASS=1``: a decay pass writes each 16-step block's log decays and the gradient kernel
+    reads them (and its neighbouring b / k / a / q / w rows) from memory. "blockwise" puts both
+    decay paths in one chunk (fp16 w: each launch skips the other's blocks; fp32 w: the exact
+    path everywhere); T = 90 ends in a partial block; V = 32 in two V-blocks (partial sums);
+    K = 64 takes two 32-wide K slices on the factored path."""
+    force_rwkv_mode("tc", BV=16, DPASS=1)
+    x = op.make_inputs(1, 90, 2 if K < 64 else 1, K, V, dtype=torch.float16, device=device,
+                       decay="rwkv7", w_dtype=w_dtype, initial_state=True, seed=K + V)  # fmt: skip
+    blockwise_decay(x, strong_block=2)
+    op.check_case(x, f"tc-dpass-{w_dtype}-K{K}-V{V}").assert_ok()
+
+
+def test_wkv7_tc_decay_pass_agrees_with_the_in_kernel_scans(device):
+    """DPASS 0 and 1 compute the same values (the same log decays, read instead of formed):
+    every gradient within fp16 rounding of the other, on a block-crossing T."""
+    x = op.make_inputs(1, 50, 1, 16, 32, dtype=torch.float16, device=device, decay="mixed",
+                       w_dtype=torch.float16, initial_state=True, seed=21)  # fmt: skip
+    args, h0 = [x[n] for n in NAMES], x["initial_state"]
+    _, _, ck = launch.wkv7_fwd(*args, 1.0, h0, True, {"MODE": "tc"})
+    runs = [
+        launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, {"MODE": "tc", "DPASS": d})
+        for d in (0, 1)
+    ]
+    for name, g0, g1 in zip([*NAMES, "h0"], *runs, strict=True):
+        err = float((g1.float() - g0.float()).norm() / g0.float().norm())
+        assert err < 2e-3, (name, err)
+
+
 def test_wkv7_tc_dw_stays_fp32_exact_under_strong_decay(device):
     """As WKV-6's test: the one-step factors of dw's dominant terms are exp(w) itself (measured
     dw error 2.6e-7, against 8.8e-7 with exp of cumulative-sum differences)."""
@@ -236,6 +270,10 @@ def test_wkv7_tc_serial_pass_width_and_warps(device):
             torch.testing.assert_close(g2, g, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="SW"):
         launch.wkv7_fwd(*args, 1.0, h0, False, {**base, "SW": 3})
+    with pytest.raises(ValueError, match="DPASS 1 is the tc backward's"):
+        launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, {"MODE": "chunked", "DPASS": 1})
+    with pytest.raises(ValueError, match="CARRY 1 is WKV-6's"):
+        launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, {**base, "CARRY": 1})
 
 
 def test_wkv7_no_grad_returns_none_state_and_stores_no_checkpoints(device, monkeypatch):
@@ -497,6 +535,16 @@ def test_wkv7_gpu_many_programs(gpu_mode):
     """The anchor's B * H = 128 (every program id and V-block offset exercised)."""
     x = op.make_inputs(4, 130, 32, 64, dtype=torch.bfloat16, device="cuda", initial_state=True)
     op.check_case(x, f"B4-H32-{gpu_mode}").assert_ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,dtype", [(4096, torch.bfloat16), (300, torch.float16)])
+def test_wkv7_gpu_tc_decay_pass(force_rwkv_mode, T, dtype):
+    """The tc backward's decay pass (``DPASS=1``, opt-in) at the default block sizes."""
+    force_rwkv_mode("tc", DPASS=1)
+    x = op.make_inputs(2, T, 2, 64, dtype=dtype, device="cuda", decay="mixed",
+                       w_dtype=_w_dtype(dtype), initial_state=True, seed=T + 1)  # fmt: skip
+    op.check_case(x, f"T{T}-{dtype}-dpass").assert_ok()
 
 
 @pytest.mark.gpu

@@ -242,7 +242,7 @@ def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, De
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps) -> bool:
         bk, bv, nw = next_pow2(s["K"]), c["BV"], c["num_warps"]
         if c["MODE"] != "tc" and (c.get("CARRY", 0) or c.get("DPASS", 0)):
-            return False  # CARRY, DPASS (WKV-6 tc backward switches) are tc's alone
+            return False  # CARRY, DPASS (tc backward switches) are tc's alone
         if c["MODE"] == "recurrent" and (c.get("BT", 64) != 64 or c.get("BW", 16) != 16):
             return False  # BT, BW (chunk steps, columns) mean nothing to recurrent: one point
         if c["MODE"] != "tc" and c.get("SW", 4) != 4:
@@ -276,9 +276,10 @@ def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, De
             params["BW"] = tuple(b for b in (16, 32, 64) if b <= max(16, top))
         if "tc" in modes:
             params["SW"] = (2, 4, 8)
-            if op == "wkv6" and direction == "bwd":
-                params["CARRY"] = (0, 1)
+            if direction == "bwd":
                 params["DPASS"] = (0, 1)
+                if op == "wkv6":
+                    params["CARRY"] = (0, 1)
         return Space(params, ok)
 
     return space

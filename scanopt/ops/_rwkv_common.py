@@ -139,11 +139,11 @@ def default_config(
       its 16-step blocks last to first and carries the state cotangent back through them,
       instead of one program per block that forms it again from the chunk's later rows (0, the
       default: 1 was 1.18x / 1.16x slower in the backward on an H100 at 4k / 16k, 2026-12-07).
-    - ``DPASS`` (WKV-6 tc backward; 0 or 1): 1 has a decay pass write each 16-step block's log
+    - ``DPASS`` (tc backward; 0 or 1): 1 has a decay pass write each 16-step block's log
       decays (fp32, ``2 * B * H * T * K * 4`` bytes) for the gradient kernel to read, instead of
-      a scan, row shifts and a reduction per block inside it (sm_90a: 1.2 KB -> 0.4 KB of spills
-      at 4 warps). The default since 2026-12-07 (H100, bf16, B 4, H 32, K 64: backward 1.24x /
-      1.27x faster at 4k / 16k); 0 keeps the in-kernel scans.
+      a scan, row shifts and a reduction per block inside it (WKV-6, sm_90a: 1.2 KB -> 0.4 KB of
+      spills at 4 warps). WKV-6's default since 2026-12-07 (H100, bf16, B 4, H 32, K 64:
+      backward 1.24x / 1.27x faster at 4k / 16k); WKV-7's is 0 until timed.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -355,11 +355,13 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype=None) 
             raise ValueError(f"{op} {direction} config: {key} must be a power of two, got {cfg}")
     if cfg["MODE"] not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {cfg}")
-    for key in ("CARRY", "DPASS"):  # WKV-6 tc backward switches
+    for key in ("CARRY", "DPASS"):  # tc backward switches (CARRY: WKV-6's alone)
         if cfg.get(key, 0) not in (0, 1):
             raise ValueError(f"{op} {direction} config: {key} must be 0 or 1, got {cfg}")
-        if cfg.get(key, 0) and (op != "wkv6" or cfg["MODE"] != "tc"):
-            raise ValueError(f"{op} {direction} config: {key} 1 is WKV-6's tc backward's: {cfg}")
+        if cfg.get(key, 0) and key == "CARRY" and (op != "wkv6" or cfg["MODE"] != "tc"):
+            raise ValueError(f"{op} {direction} config: CARRY 1 is WKV-6's tc backward's: {cfg}")
+        if cfg.get(key, 0) and cfg["MODE"] != "tc":
+            raise ValueError(f"{op} {direction} config: {key} 1 is the tc backward's: {cfg}")
     if cfg["MODE"] in ("chunked", "tc"):
         mode = cfg["MODE"]
         if K > 128:

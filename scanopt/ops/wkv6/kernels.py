@@ -761,53 +761,11 @@ def wkv6_tc_state_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def wkv6_tc_cumsum_kernel(
-    w,  # [B, T, H, K] log decay
-    gi,  # [B, H, NC * BT, K] fp32: inclusive log decay from the start of each BT-step chunk
-    gr,  # [B, H, NC * BT, K] fp32: log decay from after each step to its chunk's end
-    T,
-    H,
-    K,
-    BK: tl.constexpr,
-    BT: tl.constexpr,
-):
-    """The forward's log decays, once, so that the state pass and the output kernel read every
-    row they need (inclusive, exclusive = the row before, a sub-chunk's first and last, the
-    decay to the chunk end) from memory instead of forming them with cross-thread scans,
-    shuffles and reductions. Rows past T (w = 0) repeat the last value. ``gr`` is summed from the
-    chunk end (the next rows of w), not taken as gi[end] - gi: a difference of two prefix sums is
-    ~ulp(|gi[end]|) off in the factors near 1 of the last steps, which dominate the state."""
-    i_c = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    NC = (T + BT - 1) // BT
-    HK = tl.cast(H, tl.int64) * K
-    o_k = tl.arange(0, BK)
-    t = i_c * BT + tl.arange(0, BT)
-    m_k = o_k < K
-    b_w = tl.load(
-        w + i_b * T * HK + i_h * K + t[:, None] * HK + o_k[None, :],
-        mask=(t < T)[:, None] & m_k[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [BT, BK]
-    o_g = (i_bh * NC * BT + t[:, None]) * K + o_k[None, :]
-    tl.store(gi + o_g, tl.cumsum(b_w, axis=0), mask=m_k[None, :])
-    m_n = ((t + 1) < T) & (tl.arange(0, BT) + 1 < BT)  # the next row, inside the chunk
-    b_wn = tl.load(
-        w + i_b * T * HK + i_h * K + (t[:, None] + 1) * HK + o_k[None, :],
-        mask=m_n[:, None] & m_k[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [BT, BK]
-    tl.store(gr + o_g, tl.cumsum(b_wn, axis=0, reverse=True), mask=m_k[None, :])
-
-
-@triton.jit(do_not_specialize=["T"])
 def wkv6_tc_out_kernel(
     r,  # [B, T, H, K]
     k,  # [B, T, H, K]
     v,  # [B, T, H, V]
-    gi,  # [B, H, NC * BT, K] fp32 inclusive log decay from the chunk start (wkv6_tc_cumsum_kernel)
+    gi,  # [B, H, NC * BT, K] fp32 inclusive log decay from the chunk start (_tc_helpers.tc_cumsum_kernel)
     u,  # [H, K] bonus
     o,  # [B, T, H, V] output
     hbuf,  # [B, H, NC, K, V] fp32 state before each BT-step chunk

@@ -28,6 +28,7 @@ from scanopt.ops._rwkv_common import (
     next_pow2,
 )
 from scanopt.ops._rwkv_common import default_config as _default_config
+from scanopt.ops._tc_helpers import tc_cumsum_kernel
 from scanopt.ops.wkv6 import kernels
 
 __all__ = ["CONFIG_KEYS", "default_config", "wkv6_fwd", "wkv6_bwd"]
@@ -117,7 +118,7 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
     gi = torch.empty((B, H, cdiv(T, BT) * BT, K), dtype=torch.float32, device=r.device)
     gr = torch.empty_like(gi)
-    kernels.wkv6_tc_cumsum_kernel[(cdiv(T, BT), B * H)](w, gi, gr, T, H, K, BK=BK, BT=BT, **opts)
+    tc_cumsum_kernel[(cdiv(T, BT), B * H)](w, gi, gr, T, H, K, BK=BK, BT=BT, **opts)
     kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
         k, v, gi, gr, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
@@ -197,9 +198,7 @@ def wkv6_bwd(
         if dpass:  # the block-relative log decays, once, for the gradient kernel to read
             gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
             gr = torch.empty_like(gi)
-            kernels.wkv6_tc_cumsum_kernel[(NS, B * H)](
-                w, gi, gr, T, H, K, BK=max(16, BK), BT=CKPT_CHUNK, **opts
-            )
+            tc_cumsum_kernel[(NS, B * H)](w, gi, gr, T, H, K, BK=max(16, BK), BT=CKPT_CHUNK, **opts)
         for path in block_paths(w):
             kernels.wkv6_tc_bwd_kernel[(cdiv(T, cfg["BT"]) if carry else NS, NV, B * H)](
                 r, k, v, w, gi, gr, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,

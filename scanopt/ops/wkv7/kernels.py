@@ -1258,6 +1258,8 @@ def wkv7_tc_bwd_kernel(
     do,  # [B, T, H, V]
     ckpt,  # [B, H, NS, K, V] fp32 state before each block
     dbuf,  # [B, H, NS, K, V] fp32 cotangent of the state after each block
+    gi,  # [B, H, NS * BC, K] fp32 log decay from each block's start, inclusive (DPASS)
+    gr,  # [B, H, NS * BC, K] fp32 log decay from after each step to its block's end (DPASS)
     dr,  # [B, T, H, K] (fp32 partials [NV, B, T, H, K] when part_stride > 0); dw, dk, da, db too
     dw,
     dk,
@@ -1275,10 +1277,15 @@ def wkv7_tc_bwd_kernel(
     BV: tl.constexpr,
     BC: tl.constexpr,
     PATH: tl.constexpr,
+    DPASS: tl.constexpr,
     PREC: tl.constexpr,
 ):
     # Two passes over K in slices of BKC (the [BC, BC, BKC] pair tiles of the whole K spill):
     # the first sums the block matrices over K, the second forms the gradients slice by slice.
+    # DPASS: the block's log decays (inclusive, exclusive = the row before, the last row, the
+    # decay to the block end summed from the end) and its neighbouring input rows are read from
+    # memory (tc_cumsum_kernel's rows; the inputs again) instead of formed with scans, row-shift
+    # products and reductions (the same values; WKV-6's backward lost 2/3 of its spills so).
     i_v = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(0).to(tl.int64)  # time blocks on grid axis 0: up to 2^31, not 65535
     i_bh = tl.program_id(2).to(tl.int64)
@@ -1297,6 +1304,8 @@ def wkv7_tc_bwd_kernel(
     blk = i_bh * NS + i_s
     b_v = tl.load(v + p_y, mask=m_y, other=0.0).to(tl.float32)  # [BC, BV]
     b_do = tl.load(do + p_y, mask=m_y, other=0.0).to(tl.float32)
+    row_g = (i_bh * NS * BC + i_s * BC + o_i[:, None]) * K  # [BC, 1] the block's rows of gi / gr
+    last_g = (i_bh * NS * BC + i_s * BC + BC - 1) * K
 
     # PATH 1: the pair factors as products exp(g_t) exp(-g_j) (tensor cores), for the blocks
     # whose total decay is bounded in every key channel; PATH 2: the other blocks, with
@@ -1305,9 +1314,13 @@ def wkv7_tc_bwd_kernel(
         b_gmin = tl.zeros([BKC], dtype=tl.float32)
         for kc in range(0, BK // BKC):
             o_k = kc * BKC + o_c
-            m_x = m_t[:, None] & (o_k < K)[None, :]
-            p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
-            b_gmin = tl.minimum(b_gmin, tl.sum(_tc_block_cols(w, p_x, m_x), axis=0))
+            if DPASS:
+                b_gl = tl.load(gi + last_g + o_k, mask=o_k < K, other=0.0)  # [BKC]
+            else:
+                m_x = m_t[:, None] & (o_k < K)[None, :]
+                p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
+                b_gl = tl.sum(_tc_block_cols(w, p_x, m_x), axis=0)
+            b_gmin = tl.minimum(b_gmin, b_gl)
         if other_path(tl.min(b_gmin, axis=0), PATH):
             return
     later = o_i[:, None] > o_i[None, :]  # j < t: X[t, j] = exp(e_t - g_j)
@@ -1329,8 +1342,15 @@ def wkv7_tc_bwd_kernel(
         b_k = _tc_block_cols(k, p_x, m_x)
         b_a = _tc_block_cols(a, p_x, m_x)
         b_b = _tc_block_cols(b, p_x, m_x)
-        b_g = tl.cumsum(_tc_block_cols(w, p_x, m_x), axis=0)
-        b_e = prev_rows(b_g, BC)
+        if DPASS:
+            o_g = row_g + o_k[None, :]  # [BC, BKC]
+            b_g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)
+            b_e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+            b_tail = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
+        else:
+            b_g = tl.cumsum(_tc_block_cols(w, p_x, m_x), axis=0)
+            b_e = prev_rows(b_g, BC)
+            b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
         b_Aab += decayed_pairs(b_a, b_e, b_b, b_g, later, PATH == 1, PREC)
         b_Aak += decayed_pairs(b_a, b_e, b_k, b_g, later, PATH == 1, PREC)
         b_Aqb += decayed_pairs(b_q, b_g, b_b, b_g, upto, PATH == 1, PREC)
@@ -1339,7 +1359,6 @@ def wkv7_tc_bwd_kernel(
         m_h = m_k[:, None] & m_v[None, :]
         b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
         b_D = tl.load(dbuf + o_h, mask=m_h, other=0.0)
-        b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
         b_aH += tl.dot(b_a * tl.exp(b_e), b_H, input_precision=PREC)
         b_bD += tl.dot(b_b * b_tail, b_D, input_precision=PREC)
     b_inv = unit_lower_inverse(b_Aab, BC)
@@ -1386,11 +1405,21 @@ def wkv7_tc_bwd_kernel(
         b_a = _tc_block_cols(a, p_x, m_x)
         b_b = _tc_block_cols(b, p_x, m_x)
         b_w = _tc_block_cols(w, p_x, m_x)
-        b_g = tl.cumsum(b_w, axis=0)
-        b_e = prev_rows(b_g, BC)  # exact: X[t, t - 1] = exp(e_t - g_{t-1}) is exactly 1
-        b_eg = tl.exp(b_e)  # block start to before t
         b_ew = tl.exp(b_w)  # Y[t, j] = exp(w_t) X[t, j] for j < t
-        b_tail = decay_to_end(b_g, b_ew, BC)  # after t to the block end (one-step exact)
+        if DPASS:
+            o_g = row_g + o_k[None, :]  # [BC, BKC]
+            b_g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)
+            # the row before: the same stored float, so X[t, t - 1] is exactly 1
+            b_e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+            b_gl = tl.load(gi + last_g + o_k, mask=m_k, other=0.0)  # [BKC]
+            # after t to the block end, summed from the end (one-step exact)
+            b_tail = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
+        else:
+            b_g = tl.cumsum(b_w, axis=0)
+            b_e = prev_rows(b_g, BC)  # exact: X[t, t - 1] = exp(e_t - g_{t-1}) is exactly 1
+            b_gl = last_row(b_g, BC)
+            b_tail = decay_to_end(b_g, b_ew, BC)  # after t to the block end (one-step exact)
+        b_eg = tl.exp(b_e)  # block start to before t
         o_h = blk * K * V + o_k[:, None] * V + o_v[None, :]
         m_h = m_k[:, None] & m_v[None, :]
         b_H = tl.load(ckpt + o_h, mask=m_h, other=0.0)  # [BKC, BV]
@@ -1400,7 +1429,7 @@ def wkv7_tc_bwd_kernel(
         b_Dv = tl.dot(b_v, tl.trans(b_D), input_precision=PREC)  # D v_j
         b_Ds = tl.dot(b_sa, tl.trans(b_D), input_precision=PREC)  # D sa_j
         b_dv += tl.dot(b_k * b_tail, b_D, input_precision=PREC)
-        b_dw = tl.exp(last_row(b_g, BC)) * tl.sum(b_D * b_H, axis=1)  # [BKC] state x state
+        b_dw = tl.exp(b_gl) * tl.sum(b_D * b_H, axis=1)  # [BKC] state x state
 
         # one [BC, BC, BKC] tile of factors, for the pairs j < t - 1 only; the diagonal
         # (Y = 1) and adjacent (X = 1) pairs are added from [BC] vectors, so that dw's
@@ -1446,10 +1475,20 @@ def wkv7_tc_bwd_kernel(
                 b_Xf * (b_qw[:, None, :] * b_Ms[:, :, None] + b_a[:, None, :] * b_Ns[:, :, None]),
                 0,
             )
-        b_bp = prev_rows(b_b, BC)  # [BC, BKC] b_{t-1}
-        b_kp = prev_rows(b_k, BC)
-        b_an = next_rows(b_a, BC)  # a_{j+1}
-        b_qwn = next_rows(b_qw, BC)
+        if DPASS:  # the neighbouring rows read again (L1 / L2 hits)
+            m_p = m_x & (o_i > 0)[:, None]
+            b_bp = _tc_block_cols(b, p_x - HK, m_p)  # [BC, BKC] b_{t-1}
+            b_kp = _tc_block_cols(k, p_x - HK, m_p)
+            m_n = ((i_s * BC + o_i + 1) < T)[:, None] & (o_i < BC - 1)[:, None] & m_k[None, :]
+            b_an = _tc_block_cols(a, p_x + HK, m_n)  # a_{j+1}
+            b_qwn = (
+                _tc_block_cols(r, p_x + HK, m_n) * scale * tl.exp(_tc_block_cols(w, p_x + HK, m_n))
+            )
+        else:
+            b_bp = prev_rows(b_b, BC)  # [BC, BKC] b_{t-1}
+            b_kp = prev_rows(b_k, BC)
+            b_an = next_rows(b_a, BC)  # a_{j+1}
+            b_qwn = next_rows(b_qw, BC)
         b_dqy = b_ew * (b_Sq + b_bp * ms_row[:, None] + b_kp * mv_row[:, None])  # pairs j < t
         b_dkp += b_qwn * mv_col[:, None]  # pairs t > j (q side) and t > j + 1 (a side)
         b_dbp += b_qwn * ms_col[:, None]

@@ -27,6 +27,7 @@ from scanopt.ops._rwkv_common import (
     next_pow2,
 )
 from scanopt.ops._rwkv_common import default_config as _default_config
+from scanopt.ops._tc_helpers import tc_cumsum_kernel
 from scanopt.ops.wkv7 import kernels
 
 __all__ = ["CONFIG_KEYS", "default_config", "wkv7_fwd", "wkv7_bwd"]
@@ -241,12 +242,18 @@ def wkv7_bwd(
                 BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=NB, HAS_DHT=True, HAS_H0=False,
                 PREC=prec, **opts,
             )  # fmt: skip
+        dpass = bool(cfg.get("DPASS", 0))  # configs stored before the key existed lack it
+        gi = gr = dbuf  # (unread without DPASS)
+        if dpass:  # the block-relative log decays, once, for the gradient kernel to read
+            gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
+            gr = torch.empty_like(gi)
+            tc_cumsum_kernel[(NS, B * H)](w, gi, gr, T, H, K, BK=BK, BT=CKPT_CHUNK, **opts)
         for path in block_paths(w):
             kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
-                r, w, k, v, a, b, do, ckpt, dbuf, dr, dw, dk, da, db, dv, scale, T, H, K, V,
-                B * T * H * K if NV > 1 else 0,
+                r, w, k, v, a, b, do, ckpt, dbuf, gi, gr, dr, dw, dk, da, db, dv, scale,
+                T, H, K, V, B * T * H * K if NV > 1 else 0,
                 BK=BK, BKC=min(BK, 32 if path == 1 else 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
-                PREC=block_precision(r, w), **opts,
+                DPASS=dpass, PREC=block_precision(r, w), **opts,
             )  # fmt: skip
     elif not chunked:
         BK = next_pow2(K)
