@@ -166,7 +166,12 @@ def test_wkv7_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_deca
 
 @pytest.mark.parametrize(
     "w_dtype,K,V",
-    [(torch.float16, 16, 32), (torch.float32, 16, 16), (torch.float16, 64, 32)],
+    [
+        (torch.float16, 16, 32),
+        (torch.float32, 16, 16),
+        (torch.float16, 64, 32),
+        (torch.float16, 20, 24),
+    ],
 )
 def test_wkv7_tc_decay_pass_matches_reference(device, force_rwkv_mode, blockwise_decay, w_dtype,
                                               K, V):  # fmt: skip
@@ -174,7 +179,7 @@ def test_wkv7_tc_decay_pass_matches_reference(device, force_rwkv_mode, blockwise
     reads them (and its neighbouring b / k / a / q / w rows) from memory. "blockwise" puts both
     decay paths in one chunk (fp16 w: each launch skips the other's blocks; fp32 w: the exact
     path everywhere); T = 90 ends in a partial block; V = 32 in two V-blocks (partial sums);
-    K = 64 takes two 32-wide K slices on the factored path."""
+    K = 64 takes two 32-wide K slices on the factored path; K = 20, V = 24 masked lanes."""
     force_rwkv_mode("tc", BV=16, DPASS=1)
     x = op.make_inputs(1, 90, 2 if K < 64 else 1, K, V, dtype=torch.float16, device=device,
                        decay="rwkv7", w_dtype=w_dtype, initial_state=True, seed=K + V)  # fmt: skip
