@@ -223,7 +223,12 @@ def wkv6_fwd_kernel(
             if t < T:
                 if STORE_CKPT:
                     if t % CHUNK == 0:
-                        tl.store(p_c + (t // CHUNK) * K * V, b_h, mask=m_h)
+                        # flattened, so the state keeps its compute layout (wkv7_fwd_kernel)
+                        tl.store(
+                            tl.reshape(p_c, [BV * BK]) + (t // CHUNK) * K * V,
+                            tl.reshape(b_h, [BV * BK]),
+                            mask=tl.reshape(m_h, [BV * BK]),
+                        )
                 b_o = _output(b_h, x_r, x_k, x_v, b_u, scale)
                 b_h = _step(b_h, x_k, x_v, x_w)
                 tl.store(p_o + t * HV, b_o.to(p_o.dtype.element_ty), mask=m_v)

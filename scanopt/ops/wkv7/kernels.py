@@ -252,7 +252,14 @@ def wkv7_fwd_kernel(
             if t < T:
                 if STORE_CKPT:
                     if t % CHUNK == 0:
-                        tl.store(p_c + (t // CHUNK) * K * V, b_h, mask=m_h)
+                        # flattened: stored as a [BV, BK] tile, coalesced along V, the state
+                        # took that layout too and sm_90a ran every step's update twice, once
+                        # per layout (2,512 SASS instructions against 2,072 so)
+                        tl.store(
+                            tl.reshape(p_c, [BV * BK]) + (t // CHUNK) * K * V,
+                            tl.reshape(b_h, [BV * BK]),
+                            mask=tl.reshape(m_h, [BV * BK]),
+                        )
                 b_h = _step(b_h, x_w, x_k, x_a, x_b, x_v)[0]
                 b_o = tl.sum(b_h * (x_r.to(tl.float32) * scale)[None, :], 1)  # [BV]
                 tl.store(p_o + t * HV, b_o.to(p_o.dtype.element_ty), mask=m_v)
