@@ -40,9 +40,11 @@ from scanopt.ops._tc_helpers import (
     FACTOR_LIMIT,
     decay_to_end,
     last_row,
+    load_flat,
     next_rows,
     other_path,
     prev_rows,
+    store_flat,
 )
 
 # ``USE`` bit masks of the inputs a loop reads: r 1, k 2, v 4, w 8, do 16
@@ -223,12 +225,8 @@ def wkv6_fwd_kernel(
             if t < T:
                 if STORE_CKPT:
                     if t % CHUNK == 0:
-                        # flattened, so the state keeps its compute layout (wkv7_fwd_kernel)
-                        tl.store(
-                            tl.reshape(p_c, [BV * BK]) + (t // CHUNK) * K * V,
-                            tl.reshape(b_h, [BV * BK]),
-                            mask=tl.reshape(m_h, [BV * BK]),
-                        )
+                        # flat: the state keeps one layout (store_flat)
+                        store_flat(p_c + (t // CHUNK) * K * V, b_h, m_h, BV * BK)
                 b_o = _output(b_h, x_r, x_k, x_v, b_u, scale)
                 b_h = _step(b_h, x_k, x_v, x_w)
                 tl.store(p_o + t * HV, b_o.to(p_o.dtype.element_ty), mask=m_v)
@@ -281,6 +279,7 @@ def wkv6_bwd_kernel(
     o_h = o_k[None, :] * V + o_v[:, None]
     p_s = work + (i_v * n_bh + i_bh) * CHUNK * BV * BK
     o_s = tl.arange(0, BV)[:, None] * BK + o_k[None, :]  # [BV, BK] inside one work-space slot
+    m_all = o_s >= 0  # [BV, BK] every element (the flat accesses take a mask)
 
     xs = (r, k, v, w, do)
     gs = (dr, dk, dw, dv)
@@ -303,7 +302,8 @@ def wkv6_bwd_kernel(
         n = tl.minimum(t0 + CHUNK, T) - t0
 
         # recompute h_{t-1} for every step of the piece into the work space
-        b_h = tl.load(ckpt + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        # flat loads / stores: the state stays in one layout through both loops (store_flat)
+        b_h = load_flat(ckpt + (i_bh * NT + c) * K * V + o_h, m_h, BV, BK)
         q = _queue_init(xs, t0, 1, t0, t0 + n, offs, idx, PF, 14)
         for j_blk in range(0, n, PF):
             for jj in tl.static_range(PF):
@@ -311,13 +311,13 @@ def wkv6_bwd_kernel(
                 _, x_k, x_v, x_w, _ = q[jj]
                 q = _queue_set(q, jj, _load_step(xs, t0 + j + PF, t0, t0 + n, offs, idx, 14), PF)
                 # past the piece's end (j >= n) the masked inputs are zeros: h stays as it is
-                tl.store(p_s + j * BV * BK + o_s, b_h)
+                store_flat(p_s + j * BV * BK + o_s, b_h, m_all, BV * BK)
                 b_h = _step(b_h, x_k, x_v, x_w)
         tl.debug_barrier()
 
         # adjoint over the piece, last step first
         q = _queue_init(xs, t0 + n - 1, -1, t0, t0 + n, offs, idx, PF, 31)
-        x_hp = tl.load(p_s + (n - 1) * BV * BK + o_s)
+        x_hp = load_flat(p_s + (n - 1) * BV * BK + o_s, m_all, BV, BK)
         for i_blk in range(0, n, PF):
             for ii in tl.static_range(PF):
                 i = i_blk + ii
@@ -326,7 +326,7 @@ def wkv6_bwd_kernel(
                 q = _queue_set(q, ii, _load_step(xs, t - PF, t0, t0 + n, offs, idx, 31), PF)
                 # past the piece's start (i >= n): zero inputs leave dh as it is, no store
                 b_hp = x_hp
-                x_hp = tl.load(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s)
+                x_hp = load_flat(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s, m_all, BV, BK)
                 g = _adjoint(b_hp, b_dh, b_du, x, b_u, scale)
                 b_dh = g[0]
                 b_du = g[1]

@@ -52,9 +52,11 @@ from scanopt.ops._tc_helpers import (
     decay_to_end,
     decayed_pairs,
     last_row,
+    load_flat,
     next_rows,
     other_path,
     prev_rows,
+    store_flat,
     unit_lower_inverse,
 )
 
@@ -252,14 +254,8 @@ def wkv7_fwd_kernel(
             if t < T:
                 if STORE_CKPT:
                     if t % CHUNK == 0:
-                        # flattened: stored as a [BV, BK] tile, coalesced along V, the state
-                        # took that layout too and sm_90a ran every step's update twice, once
-                        # per layout (2,512 SASS instructions against 2,072 so)
-                        tl.store(
-                            tl.reshape(p_c, [BV * BK]) + (t // CHUNK) * K * V,
-                            tl.reshape(b_h, [BV * BK]),
-                            mask=tl.reshape(m_h, [BV * BK]),
-                        )
+                        # flat: the state keeps one layout (store_flat)
+                        store_flat(p_c + (t // CHUNK) * K * V, b_h, m_h, BV * BK)
                 b_h = _step(b_h, x_w, x_k, x_a, x_b, x_v)[0]
                 b_o = tl.sum(b_h * (x_r.to(tl.float32) * scale)[None, :], 1)  # [BV]
                 tl.store(p_o + t * HV, b_o.to(p_o.dtype.element_ty), mask=m_v)
@@ -314,6 +310,7 @@ def wkv7_bwd_kernel(
     o_h = o_k[None, :] * V + o_v[:, None]  # [BV, BK] offsets of h^T inside a [K, V] state
     p_s = work + (i_v * n_bh + i_bh) * CHUNK * BV * BK
     o_s = tl.arange(0, BV)[:, None] * BK + o_k[None, :]  # [BV, BK] inside one work-space slot
+    m_all = o_s >= 0  # [BV, BK] every element (the flat accesses take a mask)
 
     xs = (r, w, k, v, a, b, do)
     gs = (dr, dw, dk, da, db, dv)
@@ -334,7 +331,8 @@ def wkv7_bwd_kernel(
         n = tl.minimum(t0 + CHUNK, T) - t0
 
         # recompute h_{t-1} for every step of the piece into the work space
-        b_h = tl.load(ckpt + (i_bh * NT + c) * K * V + o_h, mask=m_h, other=0.0)
+        # flat loads / stores: the state stays in one layout through both loops (store_flat)
+        b_h = load_flat(ckpt + (i_bh * NT + c) * K * V + o_h, m_h, BV, BK)
         q = _queue_init(xs, t0, 1, t0, t0 + n, offs, idx, PF, 62)
         for j_blk in range(0, n, PF):
             for jj in tl.static_range(PF):
@@ -342,13 +340,13 @@ def wkv7_bwd_kernel(
                 _, x_w, x_k, x_a, x_b, x_v, _ = q[jj]
                 q = _queue_set(q, jj, _load_step(xs, t0 + j + PF, t0, t0 + n, offs, idx, 62), PF)
                 # past the piece's end (j >= n) the masked inputs are zeros: h stays as it is
-                tl.store(p_s + j * BV * BK + o_s, b_h)
+                store_flat(p_s + j * BV * BK + o_s, b_h, m_all, BV * BK)
                 b_h = _step(b_h, x_w, x_k, x_a, x_b, x_v)[0]
         tl.debug_barrier()
 
         # adjoint over the piece, last step first
         q = _queue_init(xs, t0 + n - 1, -1, t0, t0 + n, offs, idx, PF, 127)
-        x_hp = tl.load(p_s + (n - 1) * BV * BK + o_s)
+        x_hp = load_flat(p_s + (n - 1) * BV * BK + o_s, m_all, BV, BK)
         for i_blk in range(0, n, PF):
             for ii in tl.static_range(PF):
                 i = i_blk + ii
@@ -357,7 +355,7 @@ def wkv7_bwd_kernel(
                 q = _queue_set(q, ii, _load_step(xs, t - PF, t0, t0 + n, offs, idx, 127), PF)
                 # past the piece's start (i >= n): zero inputs leave dh as it is, no store
                 b_hp = x_hp
-                x_hp = tl.load(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s)
+                x_hp = load_flat(p_s + tl.maximum(n - 2 - i, 0) * BV * BK + o_s, m_all, BV, BK)
                 g = _adjoint(b_hp, b_dh, x, scale)
                 b_dh = g[0]
                 _store_grads(
