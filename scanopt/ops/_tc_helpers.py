@@ -134,6 +134,17 @@ def decayed_pairs(x, gx, y, gy, mask, FACTORED: tl.constexpr, PREC: tl.constexpr
     return A
 
 
+@triton.jit
+def read_block_decays(gi, o_g, m_k, o_i, K):
+    """A 16-step block's log decays from :func:`tc_cumsum_kernel`'s inclusive rows ``gi`` (run
+    with BT = 16), at offsets ``o_g`` ``[BC, *]``: the inclusive ``g`` and the exclusive ``e``,
+    read as the row before (0 at the block start): the same stored float, so an adjacent pair's
+    factor exp(e_t - g_{t-1}) is exactly 1."""
+    g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)
+    e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+    return g, e
+
+
 @triton.jit(do_not_specialize=["T"])
 def tc_cumsum_kernel(
     w,  # [B, T, H, K] log decay
@@ -148,9 +159,10 @@ def tc_cumsum_kernel(
     """Each BT-step chunk's log decays, once, so that the kernels after it read every row they
     need (inclusive, exclusive = the row before, a block's first and last, the decay to the
     chunk end) from memory instead of forming them with cross-thread scans, shuffles and
-    reductions (WKV-6's forward with BT = 64; the WKV-6 / WKV-7 backward's DPASS with BT = 16). Rows past T (w = 0) repeat the last value. ``gr`` is summed from the
-    chunk end (the next rows of w), not taken as gi[end] - gi: a difference of two prefix sums is
-    ~ulp(|gi[end]|) off in the factors near 1 of the last steps, which dominate the state."""
+    reductions (WKV-6's forward with BT = 64; the WKV-6 / WKV-7 backward's DPASS with BT = 16).
+    Rows past T (w = 0) repeat the last value. ``gr`` is summed from the chunk end (the next rows
+    of w), not taken as gi[end] - gi: a difference of two prefix sums is ~ulp(|gi[end]|) off in
+    the factors near 1 of the last steps, which dominate the state."""
     i_c = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H

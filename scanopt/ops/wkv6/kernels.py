@@ -44,6 +44,7 @@ from scanopt.ops._tc_helpers import (
     next_rows,
     other_path,
     prev_rows,
+    read_block_decays,
     store_flat,
 )
 
@@ -1105,8 +1106,7 @@ def wkv6_tc_bwd_kernel(
                 # the decay pass's rows: no scan, shift or reduction here (they cost registers:
                 # sm_90a, 4 warps, 1.2 KB of spills without them against 0.1 KB)
                 o_g = (i_bh * NS * BC + t0 + o_i[:, None]) * K + o_k[None, :]  # [BC, BK]
-                b_g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)  # [BC, BK]
-                b_e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+                b_g, b_e = read_block_decays(gi, o_g, m_k, o_i, K)  # [BC, BK]
                 b_gl = tl.load(gi + (i_bh * NS * BC + t0 + BC - 1) * K + o_k, mask=m_k, other=0.0)
             else:
                 b_g = tl.cumsum(b_w, axis=0)  # [BC, BK]

@@ -56,6 +56,7 @@ from scanopt.ops._tc_helpers import (
     next_rows,
     other_path,
     prev_rows,
+    read_block_decays,
     store_flat,
     unit_lower_inverse,
 )
@@ -1349,8 +1350,7 @@ def wkv7_tc_bwd_kernel(
         b_b = _tc_block_cols(b, p_x, m_x)
         if DPASS:
             o_g = row_g + o_k[None, :]  # [BC, BKC]
-            b_g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)
-            b_e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+            b_g, b_e = read_block_decays(gi, o_g, m_k, o_i, K)
             b_tail = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
         else:
             b_g = tl.cumsum(_tc_block_cols(w, p_x, m_x), axis=0)
@@ -1413,9 +1413,7 @@ def wkv7_tc_bwd_kernel(
         b_ew = tl.exp(b_w)  # Y[t, j] = exp(w_t) X[t, j] for j < t
         if DPASS:
             o_g = row_g + o_k[None, :]  # [BC, BKC]
-            b_g = tl.load(gi + o_g, mask=m_k[None, :], other=0.0)
-            # the row before: the same stored float, so X[t, t - 1] is exactly 1
-            b_e = tl.load(gi + o_g - K, mask=(o_i > 0)[:, None] & m_k[None, :], other=0.0)
+            b_g, b_e = read_block_decays(gi, o_g, m_k, o_i, K)  # X[t, t - 1] is exactly 1
             b_gl = tl.load(gi + last_g + o_k, mask=m_k, other=0.0)  # [BKC]
             # after t to the block end, summed from the end (one-step exact)
             b_tail = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
