@@ -39,10 +39,12 @@ FWD_SWEEP = [
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
 BWD_SWEEP = [
     (32, 8, 16, 4), (4, 8, 16, 1, 0, 8), (4, 8, 16, 1, 0, 4), (8, 8, 16, 2, 0, 4),
+    (4, 8, 16, 1, 0, 1, 1), (32, 8, 16, 4, 0, 1, 1), (32, 8, 16, 4, 0, 1, 2),
+    (4, 8, 16, 1, 0, 1, 2),
     (32, 8, 16, 8), (32, 8, 16, 4, 1), (4, 8, 16, 1), (4, 8, 16, 1, 1),
     (8, 8, 16, 2), (8, 8, 16, 2, 1), (16, 8, 16, 4), (16, 8, 16, 4, 1), (32, 8, 8, 8),
     (16, 8, 8, 4), (8, 32, 16, 8),
-]  # fmt: skip  # (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, PREFETCH[, SEGMENTS]])
+]  # fmt: skip  # (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, PREFETCH[, SEGMENTS[, ATOMIC_BC]]])
 
 
 def cfg_of(t):
@@ -54,10 +56,12 @@ def cfg_of(t):
 
 
 def bwd_cfg_of(t):
-    """A backward sweep tuple (BD, G, R, warps[, PREFETCH[, SEGMENTS]]) as a launch config."""
+    """A backward sweep tuple (BD, G, R, warps[, PREFETCH[, SEGMENTS[, ATOMIC_BC]]]) as a
+    launch config (ATOMIC_BC > 0: the non-deterministic backward)."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     cfg["PREFETCH"] = t[4] if len(t) > 4 else 0
     cfg["SEGMENTS"] = t[5] if len(t) > 5 else 1
+    cfg["ATOMIC_BC"] = t[6] if len(t) > 6 else 0
     return cfg
 
 
@@ -230,7 +234,7 @@ def main():
             ref = public_fwd_bwd(lv32, xs["dout"].float())
         ref_g = {n: lv32[n].grad for n in NAMES}
         if a.quick:
-            del FWD_SWEEP[5:], BWD_SWEEP[6:]
+            del FWD_SWEEP[5:], BWD_SWEEP[8:]
         best, bbest = sweep(xs, ref.detach(), ref_g)
         del xs, lv32, ref, ref_g
         print(f"\n# best fwd {best}, best training bwd {bbest}  ({time.time() - t0:.0f} s)")

@@ -4,6 +4,7 @@ reference with the verify rule, for every B/C layout and option; launch configs;
 backend; errors; opcheck and torch.compile. CPU tests run the Triton kernels through the
 interpreter (fp32 and fp16; bf16 only on the GPU)."""
 
+import contextlib
 from unittest import mock
 
 import numpy as np
@@ -275,6 +276,71 @@ def test_segmented_backward_matches_one_launch(device, bk, ck, h0, segments):
                 b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
             )
     _assert_backward_matches_reference(x, seg, f"bwd SEGMENTS={segments} {bk}/{ck}")
+
+
+@pytest.mark.parametrize("bk,ck", [("variable", "grouped"), ("grouped", "fixed")])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_atomic_backward_matches_deterministic(device, bk, ck, mode):
+    # ATOMIC_BC adds the variable dB/dC terms by atomics straight into their sums (1: each
+    # program's channel sum, 2: every channel's term); the other gradients are the same
+    # computation (bits equal), dB/dC the same sums in another order. Several channel blocks per
+    # group (BLOCK_D 2, 6 channels, 2 groups), 3 chunks, the last one short.
+    x = op.make_inputs(2, 6, 45, 4, device=device, B_kind=bk, C_kind=ck, groups=2,
+                       initial_state=True, seed=mode)  # fmt: skip
+    args = [x[n] for n in op._TENSORS]
+    fwd_cfg = {"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
+    _, _, ckpt = launch.selective_scan_fwd(*args, True, 16, True, config=fwd_cfg)
+    bwd_cfg = {"BLOCK_D": 2, "BLOCK_R": 8}
+    det, atom = (
+        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
+                                  config={**bwd_cfg, "ATOMIC_BC": m})
+        for m in (0, mode)
+    )  # fmt: skip
+    for name in det:
+        a, b = det[name], atom[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert b.shape == a.shape and torch.isfinite(b).all(), name
+        if name in ("B", "C"):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            assert torch.equal(a, b), name
+    _assert_backward_matches_reference(x, atom, f"bwd ATOMIC_BC={mode} {bk}/{ck}")
+
+
+@pytest.mark.parametrize("use_op", [False, True])
+def test_public_nondeterministic_backward(device, use_op):
+    # deterministic=False reaches the backward through autograd (eager Function or the custom
+    # op), whose variable/grouped dB/dC then come from atomics: the same sums in another order
+    x = op.make_inputs(2, 6, 37, 4, device=device, B_kind="variable", C_kind="grouped",
+                       groups=2, initial_state=True, seed=3)  # fmt: skip
+    spy = mock.Mock(wraps=launch.selective_scan_bwd)
+
+    def run(det):
+        leaves = {n: x[n].detach().clone().requires_grad_() for n in op._TENSORS
+                  if x[n] is not None}  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(launch, "selective_scan_bwd", spy))
+            if use_op:
+                stack.enter_context(mock.patch("scanopt.ops.selective_scan.op.eager",
+                                               lambda *a: False))  # fmt: skip
+            out, last = scanopt.selective_scan_fn(
+                delta_softplus=True, return_last_state=True, deterministic=det,
+                **{n: leaves.get(n) for n in op._TENSORS},
+            )  # fmt: skip
+            grads = torch.autograd.grad([out, last], list(leaves.values()),
+                                        [x["dout"], x["dlast"]])  # fmt: skip
+        assert spy.call_args.kwargs["deterministic"] is det
+        return dict(zip(leaves, grads))
+
+    det, nondet = run(True), run(False)
+    for name in det:
+        if name in ("B", "C"):
+            torch.testing.assert_close(nondet[name], det[name], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(nondet[name], det[name]), name
+    _assert_backward_matches_reference(x, nondet, "deterministic=False")
 
 
 @pytest.mark.parametrize(

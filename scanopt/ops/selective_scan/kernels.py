@@ -491,6 +491,7 @@ def selective_scan_bwd_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PREFETCH: tl.constexpr,
+    ATOMIC_BC: tl.constexpr = 0,
 ):
     """All gradients of the scan, walking the chunks (of BLOCK_G * BLOCK_R steps = the
     forward's checkpoint interval) backwards.
@@ -507,10 +508,13 @@ def selective_scan_bwd_kernel(
     ``s_ck_b``), ``h0`` is the checkpoint before it and ``dlast`` the adjoint the later segment
     left in ``adj``.
 
-    Outputs (no atomics): du, ddelta, dz (batch, dim, L_row) contiguous; partial sums summed by
-    the caller: ``dA[b, n, g, d]``, ``dD[b, l, d]``, ``dbias[b, l, d]`` (l < the chunk length),
-    dB/dC ``[b, n, g, d]`` when fixed or ``[b, d_block, n, L]`` when variable (summed over the
-    blocks of a group).
+    Outputs: du, ddelta, dz (batch, dim, L_row) contiguous; partial sums summed by the caller:
+    ``dA[b, n, g, d]``, ``dD[b, l, d]``, ``dbias[b, l, d]`` (l < the chunk length), dB/dC
+    ``[b, n, g, d]`` when fixed or ``[b, d_block, n, L]`` when variable (summed over the blocks
+    of a group). With ``ATOMIC_BC`` (non-deterministic mode, one launch only) variable dB/dC go
+    straight into zeroed fp32 ``[b, group, n, L]`` by ``atomic_add``: 1 adds the program's sum
+    over its channels, 2 every channel's own term (no cross-warp sum, BLOCK_D times the atomics).
+    No other output uses atomics.
     """
     BLOCK_L: tl.constexpr = BLOCK_G * BLOCK_R
     pid_b = tl.program_id(0).to(tl.int64)
@@ -547,6 +551,12 @@ def selective_scan_bwd_kernel(
     # this thread's [BD, G] slots of the (batch, N, G, dim) partial sums, + n * G * dim
     nd_off = pid_b * N * BLOCK_G * dim + gi * dim + offs_d[:, None]
     part_off = (pid_b * n_dblk + pid_d) * N * L  # into dB/dC parts (batch, n_dblk, N, L)
+    if ATOMIC_BC:  # into dB/dC (batch, groups, N, L): this block's group (blocks never straddle)
+        part_off_b = (pid_b * (dim // cpg_b) + d0 // cpg_b) * N * L
+        part_off_c = (pid_b * (dim // cpg_c) + d0 // cpg_c) * N * L
+    else:
+        part_off_b = part_off
+        part_off_c = part_off
 
     for n in range(0, N):
         if HAS_DLAST:
@@ -668,16 +678,32 @@ def selective_scan_bwd_kernel(
             tl.store(dA_ptr + slot, tl.load(dA_ptr + slot, mask=mask_dg, other=0.0) + dAn,
                      mask=mask_dg)  # fmt: skip
             if B_VAR:
-                # sum over the channels: [1, G, R]
-                part = tl.sum(_join_rows(pB, BLOCK_R), axis=0, keep_dims=True)
-                tl.store(dB_ptr + part_off + n * L + l3, part, mask=mask_l3)
+                if ATOMIC_BC == 2:  # every channel's term: [BD, G, R]
+                    tl.atomic_add(dB_ptr + part_off_b + n * L + l3 + offs_d[:, None, None] * 0,
+                                  _join_rows(pB, BLOCK_R), mask=mask3, sem="relaxed")  # fmt: skip
+                else:
+                    # sum over the channels: [1, G, R]
+                    part = tl.sum(_join_rows(pB, BLOCK_R), axis=0, keep_dims=True)
+                    if ATOMIC_BC == 1:
+                        tl.atomic_add(dB_ptr + part_off_b + n * L + l3, part, mask=mask_l3,
+                                      sem="relaxed")  # fmt: skip
+                    else:
+                        tl.store(dB_ptr + part_off_b + n * L + l3, part, mask=mask_l3)
             else:
                 tl.store(dB_ptr + slot, tl.load(dB_ptr + slot, mask=mask_dg, other=0.0) + dBn,
                          mask=mask_dg)  # fmt: skip
             if C_VAR:
-                # sum over the channels: [1, G, R]
-                part = tl.sum(_join_rows(pC, BLOCK_R), axis=0, keep_dims=True)
-                tl.store(dC_ptr + part_off + n * L + l3, part, mask=mask_l3)
+                if ATOMIC_BC == 2:  # every channel's term: [BD, G, R]
+                    tl.atomic_add(dC_ptr + part_off_c + n * L + l3 + offs_d[:, None, None] * 0,
+                                  _join_rows(pC, BLOCK_R), mask=mask3, sem="relaxed")  # fmt: skip
+                else:
+                    # sum over the channels: [1, G, R]
+                    part = tl.sum(_join_rows(pC, BLOCK_R), axis=0, keep_dims=True)
+                    if ATOMIC_BC == 1:
+                        tl.atomic_add(dC_ptr + part_off_c + n * L + l3, part, mask=mask_l3,
+                                      sem="relaxed")  # fmt: skip
+                    else:
+                        tl.store(dC_ptr + part_off_c + n * L + l3, part, mask=mask_l3)
             else:
                 tl.store(dC_ptr + slot, tl.load(dC_ptr + slot, mask=mask_dg, other=0.0) + dCn,
                          mask=mask_dg)  # fmt: skip

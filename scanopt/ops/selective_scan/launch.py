@@ -19,7 +19,8 @@ from scanopt.autotune import resolve_config as tuned_config
 #: the keys of a launch config, per kernel (the tuner's search space)
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "PREFETCH", "num_warps", "num_stages"),
-    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "PREFETCH", "SEGMENTS", "num_warps", "num_stages"),
+    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "PREFETCH", "SEGMENTS", "ATOMIC_BC", "num_warps",
+            "num_stages"),
     "update": ("BLOCK_D", "num_warps"),
 }
 
@@ -134,9 +135,25 @@ def resolve_config(
         raise ValueError(f"PREFETCH must be 0 or 1, got {cfg['PREFETCH']}")
     if "SEGMENTS" in cfg and (not isinstance(cfg["SEGMENTS"], int) or cfg["SEGMENTS"] < 1):
         raise ValueError(f"SEGMENTS must be a positive int, got {cfg['SEGMENTS']!r}")
+    if "ATOMIC_BC" in cfg and cfg["ATOMIC_BC"] not in (0, 1, 2):
+        raise ValueError(f"ATOMIC_BC must be 0, 1 or 2, got {cfg['ATOMIC_BC']!r}")
     if "BLOCK_R" in cfg and cfg["BLOCK_R"] < 2:
         raise ValueError(f"BLOCK_R must be at least 2, got {cfg['BLOCK_R']}")
     return cfg
+
+
+def nondeterministic_config(cfg: dict, *, dim: int, N: int, device_type: str) -> dict:
+    """The backward config of ``deterministic=False``: ``ATOMIC_BC=1`` (each program adds its
+    channels' dB/dC sum by atomics), and where ``cfg`` is the heuristic default, one-warp
+    programs of 4 channels: the fastest tile of the H100 probe (12-06), kept out of the
+    deterministic default only by its 8x larger partial-sum buffers, which atomics remove. The
+    chunk (``BLOCK_G * BLOCK_R``, the checkpoint interval) is left as it is."""
+    out = {**cfg, "ATOMIC_BC": 1, "SEGMENTS": 1}
+    if cfg == default_config("bwd", dim=dim, N=N, device_type=device_type) and (
+        device_type == "cuda" and not interpreting()
+    ):
+        out.update(BLOCK_D=4, num_warps=1)
+    return out
 
 
 def checkpoint_chunk(*, batch: int, dim: int, N: int, L: int, dtype, device: torch.device) -> int:
@@ -269,10 +286,15 @@ def selective_scan_bwd(
     delta_softplus: bool,
     chunk: int,
     config: dict | None = None,
+    *,
+    deterministic: bool = True,
 ) -> dict[str, Tensor | None]:
     """Launch the backward kernel and reduce its partial sums (in a fixed order, so every run
     gives the same bits). Returns fp32 gradients keyed like the forward's arguments (``None``
     for an absent optional input); the caller casts them to the input dtypes.
+
+    ``deterministic=False`` lets variable/grouped dB/dC be summed by atomics (``ATOMIC_BC``,
+    see ``nondeterministic_config``); an explicit ``config`` key ``ATOMIC_BC`` wins either way.
 
     ``ckpt`` must come from :func:`selective_scan_fwd` with the same ``chunk``; the backward's
     chunk ``BLOCK_G * BLOCK_R`` is ``chunk`` (one of the two follows from the other when only one
@@ -287,6 +309,8 @@ def selective_scan_bwd(
         "bwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
         device_type=u.device.type,
     )  # fmt: skip
+    if not deterministic and "ATOMIC_BC" not in (config or {}):
+        cfg = nondeterministic_config(cfg, dim=dim, N=N, device_type=u.device.type)
     if cfg["BLOCK_G"] * cfg["BLOCK_R"] != chunk:
         given = set(config or ()) & {"BLOCK_G", "BLOCK_R"}
         if len(given) == 2:
@@ -316,7 +340,11 @@ def selective_scan_bwd(
     # from the checkpoint before it and the adjoint the later one left. Only the variable-B/C
     # partial sums scale with a launch's length, so they shrink by the segment count; du,
     # ddelta, dz and dB/dC come out bit-identical, the dA/dD/dbias sums in another order.
-    per_seg = cdiv(n_ck, max(1, min(int(cfg.get("SEGMENTS", 1)), n_ck)))
+    # ATOMIC_BC (non-deterministic mode): variable dB/dC are added by atomics straight into
+    # their (batch, groups, N, L) sums, so no partial buffer, no reduction and no segments
+    atomic = int(cfg.get("ATOMIC_BC", 0)) if (bcb[0] or bcc[0]) else 0
+    n_seg = 1 if atomic else max(1, min(int(cfg.get("SEGMENTS", 1)), n_ck))
+    per_seg = cdiv(n_ck, n_seg)
     starts = list(range(0, n_ck, per_seg))
     segmented = len(starts) > 1
     adj_bufs = [empty((batch, N, dim), f32, dev) for _ in range(1 + segmented)]
@@ -348,7 +376,7 @@ def selective_scan_bwd(
             cut(B) if bcb[0] else B, cut(C) if bcc[0] else C, D, cut(z), delta_bias, h0,
             ckpt[:, c0:] if segmented else ckpt, cut(du), cut(ddelta), cut(dz), adj,
             L_row=L, n_ck=c1 - c0, delta_softplus=delta_softplus,
-            layouts=None if segmented else (bcb, bcc),
+            layouts=None if segmented else (bcb, bcc), atomic=atomic,
         )  # fmt: skip
         reduced = {
             "A": parts["dA"].sum((0, 2)),
@@ -360,6 +388,8 @@ def selective_scan_bwd(
         ):  # fmt: skip
             if not layout[0]:
                 reduced[name] = part.sum((0, 2))
+            elif atomic:  # already the (batch, groups, N, L) sum
+                reduced[name] = part.view(M.shape)
             elif full is None:  # one launch: the whole length
                 reduced[name] = _reduce_bc(part, M, layout, batch)
             else:
@@ -387,11 +417,13 @@ def _bwd_launch(
     C: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
     h0: Tensor | None, ckpt: Tensor, du: Tensor, ddelta: Tensor, dz: Tensor | None,
     adj: Tensor, *, L_row: int, n_ck: int, delta_softplus: bool, layouts: tuple | None = None,
+    atomic: int = 0,
 ) -> dict[str, Tensor | None]:  # fmt: skip
     """One backward launch over ``u.shape[-1]`` steps (the whole sequence or a segment: every
     (batch, dim, L) argument a view of it, ``L_row`` the outputs' row length, ``ckpt`` starting
     at its first chunk; ``layouts`` B's and C's ``bc_layout`` when they are not views).
-    Returns its partial-sum buffers."""
+    With ``atomic`` (1 or 2, the kernel's ``ATOMIC_BC``) variable dB/dC come back summed,
+    ``(batch, groups, N, L)``. Returns its partial-sum buffers."""
     from scanopt.ops.selective_scan.kernels import selective_scan_bwd_kernel
 
     batch, dim, L = u.shape
@@ -401,8 +433,14 @@ def _bwd_launch(
     G, BL = cfg["BLOCK_G"], cfg["BLOCK_G"] * cfg["BLOCK_R"]
     bcb, bcc = layouts or (bc_layout(B, dim), bc_layout(C, dim))  # strides of the views
     dA = empty((batch, N, G, dim), f32, dev)
-    dB = empty((batch, n_dblk, N, L) if bcb[0] else (batch, N, G, dim), f32, dev)
-    dC = empty((batch, n_dblk, N, L) if bcc[0] else (batch, N, G, dim), f32, dev)
+    dB = dC = None
+    if atomic:  # atomics add into zeros
+        dB = torch.zeros((batch, bcb[1], N, L), dtype=f32, device=dev) if bcb[0] else None
+        dC = torch.zeros((batch, bcc[1], N, L), dtype=f32, device=dev) if bcc[0] else None
+    if dB is None:
+        dB = empty((batch, n_dblk, N, L) if bcb[0] else (batch, N, G, dim), f32, dev)
+    if dC is None:
+        dC = empty((batch, n_dblk, N, L) if bcc[0] else (batch, N, G, dim), f32, dev)
     dD = empty((batch, BL, dim), f32, dev) if D is not None else None
     dbias = empty((batch, BL, dim), f32, dev) if delta_bias is not None else None
     selective_scan_bwd_kernel[(batch, n_dblk)](
@@ -418,7 +456,7 @@ def _bwd_launch(
         SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None,
         HAS_DLAST=dlast is not None, B_VAR=bcb[0], C_VAR=bcc[0],
         BLOCK_D=BD, BLOCK_G=G, BLOCK_R=cfg["BLOCK_R"], PREFETCH=bool(cfg.get("PREFETCH", 0)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ATOMIC_BC=atomic, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return {"dA": dA, "dB": dB, "dC": dC, "dD": dD, "dbias": dbias}
 

@@ -190,8 +190,10 @@ def _scan_fwd_impl(
     delta_softplus: bool,
     chunk: int,
     store_ckpt: bool,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(out, last_state fp32, checkpoints fp32 (batch, n_ck or 0, N, dim))``."""
+    """Returns ``(out, last_state fp32, checkpoints fp32 (batch, n_ck or 0, N, dim))``.
+    ``deterministic`` is the backward's (kept by autograd); the forward always is."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, store_ckpt)
     if backend_for(u.device.type) == "triton":
         from scanopt.ops.selective_scan import launch
@@ -206,7 +208,8 @@ _scan_fwd_op = torch.library.custom_op("scanopt::selective_scan_fwd", mutates_ar
 
 
 @_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, store_ckpt):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, store_ckpt,
+      deterministic=True):  # fmt: skip
     batch, dim, L = u.shape
     N = A.shape[1]
     n_ck = (L + chunk - 1) // chunk if store_ckpt else 0
@@ -235,6 +238,7 @@ def _scan_bwd_impl(
     ckpt: Tensor,
     delta_softplus: bool,
     chunk: int,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns the gradients of u, delta, A, B, C, D, z, delta_bias, initial_state in their
     inputs' dtypes (an empty fp32 tensor for an absent optional input)."""
@@ -243,7 +247,7 @@ def _scan_bwd_impl(
         return _torch_scan_bwd(dout, dlast, *args)
     from scanopt.ops.selective_scan import launch
 
-    grads = launch.selective_scan_bwd(dout, dlast, *args)
+    grads = launch.selective_scan_bwd(dout, dlast, *args, deterministic=deterministic)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return tuple(
         grads[n].to(x.dtype) if x is not None else torch.empty(0, device=u.device)
@@ -257,7 +261,8 @@ _scan_bwd_op = torch.library.custom_op("scanopt::selective_scan_bwd", mutates_ar
 
 
 @_scan_bwd_op.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, softplus, chunk):
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, softplus, chunk,
+      deterministic=True):  # fmt: skip
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return tuple(
         torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -268,10 +273,11 @@ def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, sof
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, store_ckpt = inputs
+    u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk, store_ckpt, *rest = inputs
     ckpt = output[2]
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, ckpt)
     ctx.softplus, ctx.chunk = softplus, chunk
+    ctx.deterministic = rest[0] if rest else True
     ctx.mark_non_differentiable(ckpt)
     ctx.set_materialize_grads(False)
 
@@ -287,19 +293,21 @@ def _backward_eager(ctx, dout, dlast, _dckpt):
 
 def _backward_with(fwd, bwd, ctx, dout, dlast):
     u, delta, A, B, C, D, z, delta_bias, h0, ckpt = ctx.saved_tensors
+    n_args = len(ctx.needs_input_grad)  # 12, or 13 with ``deterministic`` passed
     if dout is None and dlast is None:
-        return (None,) * 12
+        return (None,) * n_args
     if dout is None:
         dout = torch.zeros_like(u)
     if ckpt.shape[1] == 0:  # the forward ran without checkpoints: recompute them
         ckpt = fwd(u, delta, A, B, C, D, z, delta_bias, h0, ctx.softplus, ctx.chunk, True)[2]
-    grads = bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, ctx.softplus, ctx.chunk)
+    grads = bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt, ctx.softplus, ctx.chunk,
+                ctx.deterministic)  # fmt: skip
     inputs = (u, delta, A, B, C, D, z, delta_bias, h0)
     out = tuple(
         g if x is not None and need else None
         for g, x, need in zip(grads, inputs, ctx.needs_input_grad)
     )
-    return (*out, None, None, None)
+    return (*out, *(None,) * (n_args - len(out)))
 
 
 _scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -418,6 +426,7 @@ def selective_scan_fn(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: Tensor | None = None,
+    deterministic: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-1 selective scan; a drop-in for
     ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (real ``A``).
@@ -441,11 +450,15 @@ def selective_scan_fn(
         return_last_state: also return the state after the last step.
         initial_state: optional ``(batch, dim, N)`` state before the first step (scanopt
             extension; upstream starts from zeros). It receives a gradient.
+        deterministic: ``True`` (default): the backward gives the same bits on every run (no
+            atomics; per-block partial sums reduced in a fixed order). ``False``: variable or
+            grouped B/C gradients are summed over the channels by float atomics, as
+            mamba_ssm's CUDA backward does (run-to-run differences at rounding level; the
+            other gradients stay deterministic). Scanopt extension.
 
     Only the last dimension of the inputs needs to be contiguous (in fact any strides work).
     Every input gets a gradient, and the returned last state is differentiable too (upstream
     ignores its gradient). Accumulation is fp32; ``out`` has u's dtype, ``last_state`` is fp32.
-    The backward is deterministic (no atomics: per-block partial sums reduced in a fixed order).
 
     Returns:
         ``out`` ``(batch, dim, L)``, or ``(out, last_state)`` with ``last_state`` ``(batch, dim,
@@ -459,7 +472,7 @@ def selective_scan_fn(
         batch=batch, dim=dim, N=A.shape[1], L=L, dtype=u.dtype, device=u.device
     )
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk,
-            store_ckpt)  # fmt: skip
+            store_ckpt, bool(deterministic))  # fmt: skip
     if eager(*args):
         out, last, _ = apply(_ScanFunction, _scan_fwd_impl, *args)
     else:
