@@ -1,8 +1,12 @@
-"""Offline sm_90a compile of every Triton kernel a WKV-6/7 launch issues, on a machine without a
-GPU: registers, spill stores and SASS size per kernel, with the JIT's real specialisations.
+"""Offline sm_90a compile of every Triton kernel a WKV-6/7 or selective-scan launch issues, on a
+machine without a GPU: registers, spill stores and SASS size per kernel, with the JIT's real
+specialisations.
 
     PYTHONPATH=$PWD python bench/sass_check.py --op wkv6 --cfg '{"MODE": "tc", "CARRY": 1}'
     PYTHONPATH=$PWD python bench/sass_check.py --op wkv7 --cfg '{"MODE": "tc", "num_warps": 8}'
+    PYTHONPATH=$PWD python bench/sass_check.py --op selective_scan \
+        --cfg '{"fwd": {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 1},
+                "bwd": {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 1}}'
 
 A stub driver reports an sm_90 target, and ``JITFunction.run`` compiles (``warmup``) instead of
 launching, so the launchers run unchanged on CPU tensors (bf16, B 1, T 256, H 2, K = V = 64 by
@@ -29,7 +33,8 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-NAMES = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", "a", "b")}
+NAMES = {"wkv6": ("r", "k", "v", "w", "u"), "wkv7": ("r", "w", "k", "v", "a", "b"),
+         "selective_scan": ()}
 
 
 class _StubDriver:
@@ -65,10 +70,13 @@ def _inspect(kernel, arch: str) -> tuple[str, str, int]:
         ).stdout
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
+    ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    mix = {op: sum(o == op for o in ops) for op in ("BAR", "STS", "STSM", "LDS", "SHFL", "LDG", "MUFU")}
     return (
         regs.group(1) if regs else "?",
         spills.group(1) if spills else "?",
         len(re.findall(r"/\*[0-9a-f]{4,6}\*/ ", sass)),
+        mix,
     )
 
 
@@ -84,11 +92,12 @@ def install(arch: str = "sm_90a") -> None:
         key = (self.fn.__name__, tuple(sorted(shown.items())))
         if key not in seen:
             seen.add(key)
-            regs, spills, n = _inspect(kernel, arch)
+            regs, spills, n, mix = _inspect(kernel, arch)
             warps = shown.pop("num_warps", 4)
             shown.pop("num_stages", None)
             print(f"{self.fn.__name__:30s} warps {warps} regs {regs:>3} spill stores {spills:>5} B"
                   f"  SASS {n:>6}  {shown}")  # fmt: skip
+            print(" " * 31 + " ".join(f"{k} {v}" for k, v in mix.items()))
         return kernel
 
     JITFunction.run = compile_only
@@ -107,6 +116,10 @@ def main() -> None:
     install(a.arch)
     import importlib
 
+    if a.op == "selective_scan":
+        _selective_scan(json.loads(a.cfg), a.T, getattr(torch, a.dtype))
+        return
+
     from scanopt.ops._rwkv_common import direction_config
 
     launch = importlib.import_module(f"scanopt.ops.{a.op}.launch")
@@ -120,6 +133,21 @@ def main() -> None:
     fwd, bwd = getattr(launch, f"{a.op}_fwd"), getattr(launch, f"{a.op}_bwd")
     _, _, ckpt = fwd(*args, 1.0, None, True, cf)
     bwd(x["do"], None, *args, 1.0, None, ckpt, 16, cb)
+
+
+def _selective_scan(cfg: dict, L: int, dtype: torch.dtype) -> None:
+    """The anchor shape's specialisations (variable B/C, z, D, delta_bias, softplus), small:
+    batch 1, dim 64, N 16; ``cfg`` ``{"fwd": {...}, "bwd": {...}}`` launch configs."""
+    from scanopt.ops.selective_scan import launch, op
+
+    x = op.make_inputs(1, 64, L, 16, dtype=dtype, device="cpu", seed=0)
+    args = [x[n] for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    cb = cfg.get("bwd")
+    chunk = cb["BLOCK_G"] * cb["BLOCK_R"] if cb else 128
+    _, _, ckpt = launch.selective_scan_fwd(*args, None, True, chunk, cb is not None,
+                                           cfg.get("fwd"))  # fmt: skip
+    if cb:
+        launch.selective_scan_bwd(x["dout"], None, *args, None, ckpt, True, chunk, cb)
 
 
 if __name__ == "__main__":
