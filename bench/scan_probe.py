@@ -31,10 +31,10 @@ BUDGET = 2.5e-2  # bf16 relative-L2 budget of the verify rule
 
 # forward-only configs (no checkpoints): (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, COLS[, PREFETCH]])
 FWD_SWEEP = [
-    (4, 8, 16, 1), (4, 8, 16, 1, 1, 1), (1, 32, 16, 1), (1, 32, 16, 1, 1, 1), (2, 16, 16, 1),
-    (2, 16, 16, 1, 1, 1), (1, 32, 8, 1, 1, 1), (4, 8, 16, 1, 2, 1), (2, 32, 16, 2, 1, 1),
-    (1, 32, 32, 1, 1, 1),
-]  # fmt: skip
+    (4, 8, 16, 1, 2, 1), (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1), (1, 32, 4, 1, 2, 1),
+    (1, 32, 16, 1), (4, 8, 16, 1), (2, 16, 16, 1), (2, 16, 16, 1, 1, 1), (1, 32, 8, 1, 1, 1),
+    (2, 32, 16, 2, 1, 1), (1, 32, 32, 1, 1, 1),
+]  # fmt: skip  # the first five are the --quick sweep
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
 BWD_SWEEP = [
