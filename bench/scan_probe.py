@@ -31,10 +31,17 @@ BUDGET = 2.5e-2  # bf16 relative-L2 budget of the verify rule
 
 # forward-only configs (no checkpoints): (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, COLS[, PREFETCH]])
 FWD_SWEEP = [
-    (4, 8, 16, 1, 2, 1), (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1), (1, 32, 4, 1, 2, 1),
+    (4, 8, 16, 1, 2, 1), (32, 1, 8, 1, 1, 0, 1, 0), (32, 1, 8, 1, 1, 0, 1, 1024),
+    (32, 1, 8, 1, 1, 0, 1, 4096), (64, 1, 8, 2, 1, 0, 1, 0), (32, 1, 8, 1, 1, 0, 1, 256),
+    (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1), (1, 32, 4, 1, 2, 1),
     (1, 32, 16, 1), (4, 8, 16, 1), (2, 16, 16, 1), (2, 16, 16, 1, 1, 1), (1, 32, 8, 1, 1, 1),
     (2, 32, 16, 2, 1, 1), (1, 32, 32, 1, 1, 1),
-]  # fmt: skip  # the first five are the --quick sweep
+]  # fmt: skip  # the first nine are the --quick sweep
+# training pairs timed in --quick too: (forward config, backward sweep tuple)
+PAIR_SWEEP = [
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1}, (32, 8, 16, 4)),
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1}, (4, 8, 16, 1, 0, 1, 1)),
+]
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
 BWD_SWEEP = [
@@ -48,10 +55,13 @@ BWD_SWEEP = [
 
 
 def cfg_of(t):
-    """A forward sweep tuple (BD, G, R, warps[, COLS[, PREFETCH]]) as a launch config."""
+    """A forward sweep tuple (BD, G, R, warps[, COLS[, PREFETCH[, SERIAL, SEG]]]) as a launch
+    config (SERIAL 1: the serial family, one channel per thread; G and R unused)."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     cfg["COLS"] = t[4] if len(t) > 4 else 1  # explicit: the launcher's default has COLS 2
     cfg["PREFETCH"] = t[5] if len(t) > 5 else 0
+    if len(t) > 6:
+        cfg["SERIAL"], cfg["SEG"] = t[6], t[7]
     return cfg
 
 
@@ -76,15 +86,16 @@ def inputs(L, seed=0):
 
 def fwd_launch(x, cfg, store_ckpt=False, chunk=None):
     args = [x[n] for n in NAMES]
-    chunk = chunk or cfg["BLOCK_G"] * cfg["BLOCK_R"]
+    chunk = chunk or (128 if cfg.get("SERIAL") else cfg["BLOCK_G"] * cfg["BLOCK_R"])
     return launch.selective_scan_fwd(*args, None, True, chunk, store_ckpt, cfg)
 
 
-def train_launch(x, bcfg):
-    """Forward with checkpoints (default/tuned fwd config fitted to the chunk) + backward."""
+def train_launch(x, bcfg, fcfg=None):
+    """Forward with checkpoints (``fcfg``, else the default/tuned fwd config fitted to the
+    chunk) + backward."""
     args = [x[n] for n in NAMES]
     chunk = bcfg["BLOCK_G"] * bcfg["BLOCK_R"]
-    out, last, ck = launch.selective_scan_fwd(*args, None, True, chunk, True, None)
+    out, last, ck = launch.selective_scan_fwd(*args, None, True, chunk, True, fcfg)
     g = launch.selective_scan_bwd(x["dout"], None, *args, None, ck, True, chunk, bcfg)
     return out, g
 
@@ -179,6 +190,19 @@ def sweep(x, ref_out, ref_g):
         print(f"  BD,G,R,nw={t}: {ms:.3f} ms  max err {e:.1e}{flag}")
         if not flag and (bbest is None or ms < bbest[1]):
             bbest = (t, ms)
+    print("\n## training pairs: fwd config (with checkpoints) + bwd config")
+    for fc, t in PAIR_SWEEP:
+        cfg = bwd_cfg_of(t)
+        try:
+            out, g = train_launch(x, cfg, fc)
+            e = max(rel_l2(g[n].float(), ref_g[n]) for n in NAMES)
+            e = max(e, rel_l2(out.float(), ref_out))
+            ms = bench(lambda cfg=cfg, fc=fc: train_launch(x, cfg, fc))
+        except Exception as err:  # noqa: BLE001
+            print(f"  {fc} + {t}: failed ({type(err).__name__}: {str(err)[:80]})")
+            continue
+        flag = "" if e < BUDGET else "  WRONG"
+        print(f"  {fc} + {t}: {ms:.3f} ms  max err {e:.1e}{flag}")
     return best, bbest
 
 
@@ -234,7 +258,7 @@ def main():
             ref = public_fwd_bwd(lv32, xs["dout"].float())
         ref_g = {n: lv32[n].grad for n in NAMES}
         if a.quick:
-            del FWD_SWEEP[5:], BWD_SWEEP[10:]
+            del FWD_SWEEP[9:], BWD_SWEEP[10:]
         best, bbest = sweep(xs, ref.detach(), ref_g)
         del xs, lv32, ref, ref_g
         print(f"\n# best fwd {best}, best training bwd {bbest}  ({time.time() - t0:.0f} s)")

@@ -123,6 +123,10 @@ def _launch_grads(x, fwd_cfg, chunk, bwd_cfg=None):
             {"BLOCK_R": 16, "BLOCK_D": 32, "num_warps": 4},
             300,
         ),
+        # the serial forward: 3 segments of 32 steps (the last one short), checkpoints every
+        # 16; then one automatic segment (from the initial state directly)
+        ({"SERIAL": 1, "SEG": 32, "BLOCK_D": 4}, 16, {"BLOCK_D": 4}, 75),
+        ({"SERIAL": 1, "BLOCK_D": 8}, 32, {"BLOCK_R": 8}, 40),
     ],
 )
 def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L):
@@ -153,6 +157,46 @@ def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L)
     with pytest.raises(ValueError, match="must divide the checkpoint chunk"):
         launch.selective_scan_fwd(*[x[n] for n in op._TENSORS], True, chunk, True,
                                   config={"BLOCK_G": chunk, "BLOCK_R": 4})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "bk,ck,h0,seg,N,dtype",
+    [("variable", "variable", False, 16, 4, torch.float32),
+     ("grouped", "fixed", True, 24, 5, torch.float32),
+     ("fixed", "grouped", True, 0, 16, torch.float16),
+     ("variable", "grouped", False, 40, 3, torch.float16)],
+)  # fmt: skip
+def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, dtype):
+    # SERIAL=1: one channel per thread walks its steps, segments chained by PASS 1 + combine.
+    # Same recurrence as the group-scan kernel up to rounding: output, last state and every
+    # checkpoint, and the reference; outputs are NaN-poisoned, so a gap would show
+    L = 70 if seg else 37
+    x = op.make_inputs(2, 6, L, N, device=device, B_kind=bk, C_kind=ck, groups=2,
+                       initial_state=h0, seed=N, dtype=dtype)  # fmt: skip
+    args = [x[n] for n in op._TENSORS]
+    group = launch.selective_scan_fwd(
+        *args, True, 16, True, config={"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
+    )
+    serial = launch.selective_scan_fwd(
+        *args, True, 16, True, config={"SERIAL": 1, "SEG": seg, "BLOCK_D": 4}
+    )
+    for a, b, name in zip(group, serial, ("out", "last", "ckpt")):
+        assert b.shape == a.shape and torch.isfinite(b).all(), name
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-5, atol=1e-4 if
+                                   dtype == torch.float16 else 2e-5, msg=name)  # fmt: skip
+    _assert_forward_matches_reference(x, serial[0], serial[1], f"serial {bk}/{ck} seg {seg}")
+
+
+def test_serial_forward_large_state_takes_the_group_kernel(device, monkeypatch):
+    # N above MAX_SERIAL_N: SERIAL is ignored (the states would not fit in registers)
+    from scanopt.ops.selective_scan import kernels
+
+    x = op.make_inputs(1, 3, 9, launch.MAX_SERIAL_N + 1, device=device, seed=0)
+    called = mock.Mock(side_effect=AssertionError("serial kernel launched"))
+    monkeypatch.setattr(kernels, "selective_scan_fwd_serial_kernel", called)
+    out, _, _ = launch.selective_scan_fwd(*[x[n] for n in op._TENSORS], True, 8, False,
+                                          config={"SERIAL": 1})  # fmt: skip
+    assert torch.isfinite(out).all()
 
 
 def _assert_forward_matches_reference(x, out, last, case):
@@ -303,7 +347,9 @@ def test_atomic_backward_matches_deterministic(device, bk, ck, mode):
             continue
         assert b.shape == a.shape and torch.isfinite(b).all(), name
         if name in ("B", "C"):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
         else:
             assert torch.equal(a, b), name
     _assert_backward_matches_reference(x, atom, f"bwd ATOMIC_BC={mode} {bk}/{ck}")
@@ -347,7 +393,8 @@ def test_public_nondeterministic_backward(device, use_op):
     "config,match",
     [({"BLOCK_Q": 2}, "unknown selective_scan fwd config keys"), ({"BLOCK_G": 3}, "power of two"),
      ({"COLS": 3}, "COLS must be 1 or 2"), ({"PREFETCH": 2}, "PREFETCH must be 0 or 1"),
-     ({"SEGMENTS": 0}, "unknown selective_scan fwd config keys")],
+     ({"SEGMENTS": 0}, "unknown selective_scan fwd config keys"),
+     ({"SERIAL": 2}, "SERIAL must be 0 or 1"), ({"SEG": -1}, "SEG must be")],
 )  # fmt: skip
 def test_bad_launch_config_is_rejected(device, config, match):
     x = op.make_inputs(1, 3, 8, 2, device=device)

@@ -394,6 +394,265 @@ def selective_scan_fwd_kernel(
         tl.store(out_ptr + io_off + l3, y.to(out_ptr.dtype.element_ty), mask=mask3)
 
 
+# ---------------------------------------------------------------------------------------------
+# Serial forward family (config SERIAL=1, N <= MAX_SERIAL_N): one channel per thread, the N
+# states of a channel in that thread's registers (a tuple of [BD, 1] tensors), the steps walked
+# one by one. No group scan, no second state pass and no cross-lane traffic: per (t, d, n) one
+# exp2 and four FMA-pipe operations. Parallelism over L comes from segments of SEG steps:
+# PASS 1 runs every segment but the last from a zero state (its end state and sum of dt),
+# ``selective_scan_fwd_combine_kernel`` chains them into each segment's start state, PASS 2
+# reruns every segment from its start state and writes out, the checkpoints and the last state.
+
+
+@triton.jit
+def _serial_tile(base, offs_t, offs_d, mask, s_l, s_d, T: tl.constexpr):
+    """A [BD, T] tile of a (dim, L)-strided input as T [BD, 1] fp32 step columns. With T * the
+    element size = 16 bytes, Triton's coalesced layout gives each thread its channel's T steps
+    (one vector load), so the split is in registers."""
+    x = tl.load(base + offs_t[None, :] * s_l + offs_d[:, None] * s_d, mask=mask, other=0.0)
+    return _rows(tl.reshape(x.to(tl.float32), [x.shape[0], 1, T]), T)
+
+
+@triton.jit
+def _serial_bc(base, fixed, n, offs_t, offs_d, mask, s_n, s_l, VAR: tl.constexpr,
+               T: tl.constexpr):  # fmt: skip
+    """Column n of B or C over the block's T steps as T [BD, 1] values: variable, one vector
+    load per thread of the row every channel shares (the same address on every lane); fixed,
+    the channel's value ``fixed[n]`` repeated."""
+    if VAR:
+        x = tl.load(base + n * s_n + offs_t[None, :] * s_l + offs_d[:, None] * 0, mask=mask,
+                    other=0.0)  # fmt: skip
+        out = _rows(tl.reshape(x.to(tl.float32), [x.shape[0], 1, T]), T)
+    else:
+        out = ()
+        for _t in tl.static_range(T):
+            out = out + (fixed[n],)
+    return out
+
+
+@triton.jit
+def selective_scan_fwd_serial_kernel(
+    u_ptr,
+    delta_ptr,
+    A_ptr,
+    B_ptr,
+    C_ptr,
+    D_ptr,
+    z_ptr,
+    bias_ptr,
+    hs_ptr,
+    hend_ptr,
+    dtsum_ptr,
+    out_ptr,
+    state_ptr,
+    ckpt_ptr,
+    dim,
+    L,
+    SEG,
+    n_ck,
+    CK,
+    cpg_b,
+    cpg_c,
+    s_u_b,
+    s_u_d,
+    s_u_l,
+    s_dt_b,
+    s_dt_d,
+    s_dt_l,
+    s_z_b,
+    s_z_d,
+    s_z_l,
+    s_A_d,
+    s_A_n,
+    s_B_b,
+    s_B_g,
+    s_B_n,
+    s_B_l,
+    s_C_b,
+    s_C_g,
+    s_C_n,
+    s_C_l,
+    s_D,
+    s_bias,
+    s_hs_b,
+    s_hs_s,
+    s_hs_d,
+    s_hs_n,
+    N: tl.constexpr,
+    PASS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_HS: tl.constexpr,
+    B_VAR: tl.constexpr,
+    C_VAR: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One segment of SEG steps of BLOCK_D channels. Grid: (cdiv(dim, BLOCK_D), segments,
+    batch).
+
+    PASS 1: from a zero state; stores the segment's end state ``hend[b, s, n, d]`` and its sum
+    of dt ``dtsum[b, s, d]`` (fp32). PASS 2: from ``hs[b, s, d, n]`` (strides ``s_hs_*``: the
+    combine kernel's start states, or the initial state for one segment; zeros without
+    ``HAS_HS``); stores out, ``ckpt[b, k, n, d]`` after every step ``(k+1)*CK - 1`` (the last
+    one after step L-1) and, in the last segment, the last state ``state[b, n, d]``.
+    B/C as in ``selective_scan_fwd_kernel`` (variable: the group of the channel block).
+    """
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(2).to(tl.int64)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
+    mask_d = offs_d < dim
+    md = mask_d[:, None]  # [BD, 1]
+    col_d = offs_d[:, None]  # [BD, 1]
+    t_begin = pid_s * SEG
+    t_stop = tl.minimum(t_begin + SEG, L)
+
+    # per channel and state: A log2(e), fixed B / C, the state ([BD, 1] each)
+    A2 = ()
+    Bf = ()
+    Cf = ()
+    h = ()
+    for n in tl.static_range(N):
+        A2 = A2 + (tl.load(A_ptr + col_d * s_A_d + n * s_A_n, mask=md, other=0.0) * LOG2E,)
+        if not B_VAR:
+            Bf = Bf + (tl.load(B_ptr + col_d * s_B_g + n * s_B_n, mask=md, other=0.0).to(
+                tl.float32),)  # fmt: skip
+        if not C_VAR:
+            Cf = Cf + (tl.load(C_ptr + col_d * s_C_g + n * s_C_n, mask=md, other=0.0).to(
+                tl.float32),)  # fmt: skip
+        if PASS == 2 and HAS_HS:
+            h = h + (tl.load(hs_ptr + pid_b * s_hs_b + pid_s * s_hs_s + col_d * s_hs_d
+                             + n * s_hs_n, mask=md, other=0.0).to(tl.float32),)  # fmt: skip
+        else:
+            h = h + (tl.zeros([BLOCK_D, 1], dtype=tl.float32),)
+    bias = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + col_d * s_bias, mask=md, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + col_d * s_D, mask=md, other=0.0).to(tl.float32)
+    dtsum = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+
+    u_base = u_ptr + pid_b * s_u_b
+    dt_base = delta_ptr + pid_b * s_dt_b
+    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g
+    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g
+    io_base = (pid_b * dim + col_d) * L  # [BD, 1] into out
+    nd = col_d + tl.arange(0, 1)[None, :] * 0  # [BD, 1] channel offsets of [.., N, dim] rows
+    for t0 in range(t_begin, t_stop, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)  # [T]
+        mask_t = offs_t < t_stop
+        m2 = md & mask_t[None, :]  # [BD, T]
+        mb = (offs_d >= 0)[:, None] & mask_t[None, :]  # B/C rows: every lane loads them
+        u_r = _serial_tile(u_base, offs_t, offs_d, m2, s_u_l, s_u_d, BLOCK_T)
+        pre_r = _serial_tile(dt_base, offs_t, offs_d, m2, s_dt_l, s_dt_d, BLOCK_T)
+        valid = _rows(tl.reshape(m2.to(tl.float32), [BLOCK_D, 1, BLOCK_T]), BLOCK_T)
+        dt_r = ()
+        dtu_r = ()
+        for t in tl.static_range(BLOCK_T):
+            pre = pre_r[t] + bias
+            dt = pre
+            if SOFTPLUS:
+                dt = _softplus(pre)
+            dt = tl.where(valid[t] > 0, dt, 0.0)  # past L: decay 1, input 0
+            if PASS == 1:
+                dtsum += dt
+            dt_r = dt_r + (dt,)
+            dtu_r = dtu_r + (dt * u_r[t],)
+        y_r = ()
+        for t in tl.static_range(BLOCK_T):
+            y_r = y_r + (Dv * u_r[t],)
+        new_h = ()
+        for n in tl.static_range(N):
+            Bn = _serial_bc(B_base, Bf, n, offs_t, offs_d, mb, s_B_n, s_B_l, B_VAR, BLOCK_T)
+            if PASS == 2:
+                Cn = _serial_bc(C_base, Cf, n, offs_t, offs_d, mb, s_C_n, s_C_l, C_VAR, BLOCK_T)
+            hn = h[n]
+            new_y = ()
+            for t in tl.static_range(BLOCK_T):
+                hn = tl.exp2(dt_r[t] * A2[n]) * hn + dtu_r[t] * Bn[t]
+                if PASS == 2:
+                    new_y = new_y + (y_r[t] + hn * Cn[t],)
+            if PASS == 2:
+                y_r = new_y
+            new_h = new_h + (hn,)
+        h = new_h
+        if PASS == 2:
+            y = tl.reshape(_join_rows(y_r, BLOCK_T), [BLOCK_D, BLOCK_T])
+            if HAS_Z:
+                zt = tl.load(z_ptr + pid_b * s_z_b + offs_t[None, :] * s_z_l + col_d * s_z_d,
+                             mask=m2, other=0.0).to(tl.float32)  # fmt: skip
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(out_ptr + io_base + offs_t[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=m2)  # fmt: skip
+            if STORE_CKPT:
+                # a mask, not a branch: after step (k+1)*CK - 1, or the last step (CK is a
+                # multiple of BLOCK_T, so a block lies inside one checkpoint chunk, k)
+                at_ck = (((t0 + BLOCK_T) % CK) == 0) | (t0 + BLOCK_T >= L)
+                kk = t0 // CK
+                for n in tl.static_range(N):
+                    tl.store(ckpt_ptr + ((pid_b * n_ck + kk) * N + n) * dim + nd, h[n],
+                             mask=md & at_ck)  # fmt: skip
+    if PASS == 1:
+        for n in tl.static_range(N):
+            tl.store(hend_ptr + ((pid_b * tl.num_programs(1) + pid_s) * N + n) * dim + nd, h[n],
+                     mask=md)  # fmt: skip
+        tl.store(dtsum_ptr + (pid_b * tl.num_programs(1) + pid_s) * dim + nd, dtsum, mask=md)
+    else:
+        last = t_stop >= L
+        for n in tl.static_range(N):
+            tl.store(state_ptr + (pid_b * N + n) * dim + nd, h[n], mask=md & last)
+
+
+@triton.jit
+def selective_scan_fwd_combine_kernel(
+    A_ptr,
+    h0_ptr,
+    hend_ptr,
+    dtsum_ptr,
+    hs_ptr,
+    dim,
+    N,
+    n_seg,
+    n_run,
+    s_A_d,
+    s_A_n,
+    s_h0_b,
+    s_h0_d,
+    s_h0_n,
+    HAS_H0: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Every segment's start state ``hs[b, s, d, n]`` (fp32, s < n_seg) from the initial state
+    and PASS 1's end states of segments 0 .. n_run - 1 (n_run = n_seg - 1):
+    ``hs[s + 1] = exp2(A log2(e) dtsum[s]) hs[s] + hend[s]``. Grid: (cdiv(dim, BLOCK_D),
+    batch); serial over the segments, one program per channel block."""
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    for n in range(0, N):
+        A2 = tl.load(A_ptr + offs_d * s_A_d + n * s_A_n, mask=mask_d, other=0.0) * LOG2E
+        if HAS_H0:
+            x = tl.load(h0_ptr + pid_b * s_h0_b + offs_d * s_h0_d + n * s_h0_n, mask=mask_d,
+                        other=0.0).to(tl.float32)  # fmt: skip
+        else:
+            x = tl.zeros([BLOCK_D], dtype=tl.float32)
+        hs_row = hs_ptr + (pid_b * n_seg * dim + offs_d) * N + n  # + s * dim * N
+        tl.store(hs_row, x, mask=mask_d)
+        for s in range(0, n_run):
+            row = pid_b * n_run + s
+            e = tl.load(hend_ptr + (row * N + n) * dim + offs_d, mask=mask_d, other=0.0)
+            ds = tl.load(dtsum_ptr + row * dim + offs_d, mask=mask_d, other=0.0)
+            x = tl.exp2(A2 * ds) * x + e
+            tl.store(hs_row + (s + 1) * dim * N, x, mask=mask_d)
+
+
 @triton.jit
 def _bwd_column_loads(n, valid, c, A_ptr, B_base, B_ptr, C_base, C_ptr, h0_ptr, ck_ptrs,
                       adj_ptrs, l3, mask_l3, offs_d, mask_d, first_group, pid_b, dim, N, s_A_d,

@@ -18,9 +18,27 @@ from scanopt.autotune import resolve_config as tuned_config
 
 #: the keys of a launch config, per kernel (the tuner's search space)
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
-    "fwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "COLS", "PREFETCH", "num_warps", "num_stages"),
-    "bwd": ("BLOCK_D", "BLOCK_G", "BLOCK_R", "PREFETCH", "SEGMENTS", "ATOMIC_BC", "num_warps",
-            "num_stages"),
+    "fwd": (
+        "BLOCK_D",
+        "BLOCK_G",
+        "BLOCK_R",
+        "COLS",
+        "PREFETCH",
+        "SERIAL",
+        "SEG",
+        "num_warps",
+        "num_stages",
+    ),
+    "bwd": (
+        "BLOCK_D",
+        "BLOCK_G",
+        "BLOCK_R",
+        "PREFETCH",
+        "SEGMENTS",
+        "ATOMIC_BC",
+        "num_warps",
+        "num_stages",
+    ),
     "update": ("BLOCK_D", "num_warps"),
 }
 
@@ -29,6 +47,10 @@ _GRID_YZ_MAX = 65535
 
 #: largest state size the kernels take (mamba_ssm's MAX_DSTATE)
 MAX_DSTATE = 256
+
+#: largest state size of the serial forward (``SERIAL=1``: the N states of a channel live in
+#: one thread's registers; larger N takes the group-scan kernel)
+MAX_SERIAL_N = 16
 
 
 def next_pow2(n: int) -> int:
@@ -133,6 +155,10 @@ def resolve_config(
         raise ValueError(f"COLS must be 1 or 2, got {cfg['COLS']}")
     if "PREFETCH" in cfg and cfg["PREFETCH"] not in (0, 1):
         raise ValueError(f"PREFETCH must be 0 or 1, got {cfg['PREFETCH']}")
+    if "SERIAL" in cfg and cfg["SERIAL"] not in (0, 1):
+        raise ValueError(f"SERIAL must be 0 or 1, got {cfg['SERIAL']!r}")
+    if "SEG" in cfg and (not isinstance(cfg["SEG"], int) or cfg["SEG"] < 0):
+        raise ValueError(f"SEG must be a non-negative int (0: automatic), got {cfg['SEG']!r}")
     if "SEGMENTS" in cfg and (not isinstance(cfg["SEGMENTS"], int) or cfg["SEGMENTS"] < 1):
         raise ValueError(f"SEGMENTS must be a positive int, got {cfg['SEGMENTS']!r}")
     if "ATOMIC_BC" in cfg and cfg["ATOMIC_BC"] not in (0, 1, 2):
@@ -237,6 +263,9 @@ def selective_scan_fwd(
         "fwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
         device_type=u.device.type,
     )  # fmt: skip
+    if cfg.get("SERIAL") and N <= MAX_SERIAL_N:
+        return _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                           chunk, store_ckpt, cfg)  # fmt: skip
     if store_ckpt and not (config and {"BLOCK_G", "BLOCK_R"} <= set(config)):
         cfg = _fit_chunk(cfg, chunk)
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
@@ -266,6 +295,83 @@ def selective_scan_fwd(
         CK=chunk if store_ckpt else BL, COLS=cfg.get("COLS", 1),
         PREFETCH=bool(cfg.get("PREFETCH", 0)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out, state.transpose(1, 2).contiguous(), ckpt
+
+
+def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int) -> int:
+    """Steps per segment of the serial forward: ``cfg["SEG"]`` rounded up to a multiple of
+    ``block_t``, or (``SEG`` 0) enough segments for ~2048 one-warp programs of 32 channels
+    (16 per SM on a 132-SM GPU: PASS 1 repeats a segment's exp2s, so no more than needed), at
+    least 256 steps each."""
+    seg = int(cfg.get("SEG", 0))
+    if seg <= 0:
+        n_seg = max(1, min(cdiv(2048 * 32, batch * dim), cdiv(L, 256)))
+        seg = cdiv(L, n_seg)
+    return cdiv(seg, block_t) * block_t
+
+
+def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
+                store_ckpt, cfg):  # fmt: skip
+    """The serial forward family (``kernels.selective_scan_fwd_serial_kernel``); same results
+    as :func:`selective_scan_fwd`."""
+    from scanopt.ops.selective_scan.kernels import (
+        selective_scan_fwd_combine_kernel,
+        selective_scan_fwd_serial_kernel,
+    )
+
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dev = u.device
+    f32 = torch.float32
+    # 16 bytes of u per thread and load: the whole step block in one vector, in registers
+    block_t = max(2, 16 // u.element_size())
+    if store_ckpt and chunk % block_t:
+        raise ValueError(f"the checkpoint chunk {chunk} must be a multiple of {block_t}")
+    bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
+    BD = _group_aligned_block(cfg["BLOCK_D"], dim, bcb, bcc)
+    seg = serial_segment(cfg, batch=batch, dim=dim, L=L, block_t=block_t)
+    n_seg = cdiv(L, seg)
+    n_ck = cdiv(L, chunk) if store_ckpt else 0
+    out = empty((batch, dim, L), u.dtype, dev)
+    state = empty((batch, N, dim), f32, dev)
+    ckpt = empty((batch, n_ck, N, dim), f32, dev)
+    n_dblk = cdiv(dim, BD)
+    common = dict(
+        N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD, BLOCK_T=block_t,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    strides = (
+        *u.stride(), *delta.stride(), *_opt_strides(z, 3), *A.stride(), *bcb[3], *bcc[3],
+        D.stride(0) if D is not None else 0,
+        delta_bias.stride(0) if delta_bias is not None else 0,
+    )  # fmt: skip
+    hs = hend = dtsum = None
+    hs_strides = (0, 0, 0, 0)
+    if n_seg > 1:
+        hend = empty((batch, n_seg - 1, N, dim), f32, dev)
+        dtsum = empty((batch, n_seg - 1, dim), f32, dev)
+        selective_scan_fwd_serial_kernel[(n_dblk, n_seg - 1, batch)](
+            u, delta, A, B, C, D, z, delta_bias, None, hend, dtsum, out, state, ckpt,
+            dim, L, seg, n_ck, chunk, bcb[2], bcc[2], *strides, *hs_strides,
+            PASS=1, HAS_HS=False, STORE_CKPT=False, **common,
+        )  # fmt: skip
+        hs = empty((batch, n_seg, dim, N), f32, dev)
+        selective_scan_fwd_combine_kernel[(cdiv(dim, 128), batch)](
+            A, initial_state, hend, dtsum, hs, dim, N, n_seg, n_seg - 1, *A.stride(),
+            *_opt_strides(initial_state, 3), HAS_H0=initial_state is not None, BLOCK_D=128,
+            num_warps=4,
+        )  # fmt: skip
+        hs_strides = tuple(hs.stride())
+    elif initial_state is not None:
+        hs = initial_state  # (batch, dim, N): the one segment starts from it
+        hs_strides = (initial_state.stride(0), 0, initial_state.stride(1),
+                      initial_state.stride(2))  # fmt: skip
+    selective_scan_fwd_serial_kernel[(n_dblk, n_seg, batch)](
+        u, delta, A, B, C, D, z, delta_bias, hs, hend, dtsum, out, state, ckpt,
+        dim, L, seg, n_ck, chunk if store_ckpt else block_t, bcb[2], bcc[2], *strides,
+        *hs_strides, PASS=2, HAS_HS=hs is not None, STORE_CKPT=bool(store_ckpt), **common,
     )  # fmt: skip
     return out, state.transpose(1, 2).contiguous(), ckpt
 
