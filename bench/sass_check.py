@@ -93,6 +93,10 @@ def install(arch: str = "sm_90a") -> None:
         if key not in seen:
             seen.add(key)
             regs, spills, n, mix = _inspect(kernel, arch)
+            if os.environ.get("SASS_CHECK_DUMP"):  # a folder: each kernel's TTGIR goes there
+                name = f"{self.fn.__name__}_{len(seen)}.ttgir"
+                with open(os.path.join(os.environ["SASS_CHECK_DUMP"], name), "w") as f:
+                    f.write(kernel.asm["ttgir"])
             warps = shown.pop("num_warps", 4)
             shown.pop("num_stages", None)
             print(f"{self.fn.__name__:30s} warps {warps} regs {regs:>3} spill stores {spills:>5} B"

@@ -160,16 +160,18 @@ def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L)
 
 
 @pytest.mark.parametrize(
-    "bk,ck,h0,seg,N,dtype",
-    [("variable", "variable", False, 16, 4, torch.float32),
-     ("grouped", "fixed", True, 24, 5, torch.float32),
-     ("fixed", "grouped", True, 0, 16, torch.float16),
-     ("variable", "grouped", False, 40, 3, torch.float16)],
+    "bk,ck,h0,seg,N,nsplit,dtype",
+    [("variable", "variable", False, 16, 4, 1, torch.float32),
+     ("grouped", "fixed", True, 24, 5, 4, torch.float32),
+     ("fixed", "grouped", True, 0, 16, 2, torch.float16),
+     ("variable", "grouped", False, 40, 3, 4, torch.float16),
+     ("variable", "fixed", True, 24, 16, 8, torch.float16)],
 )  # fmt: skip
-def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, dtype):
-    # SERIAL=1: one channel per thread walks its steps, segments chained by PASS 1 + combine.
-    # Same recurrence as the group-scan kernel up to rounding: output, last state and every
-    # checkpoint, and the reference; outputs are NaN-poisoned, so a gap would show
+def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit, dtype):
+    # SERIAL=1: a channel's states on NSPLIT lanes walk the steps one by one, segments
+    # chained by PASS 1 + combine (N not a multiple of NSPLIT: padded lanes). Same recurrence
+    # as the group-scan kernel up to rounding: output, last state and every checkpoint, and the
+    # reference; outputs are NaN-poisoned, so a gap would show
     L = 70 if seg else 37
     x = op.make_inputs(2, 6, L, N, device=device, B_kind=bk, C_kind=ck, groups=2,
                        initial_state=h0, seed=N, dtype=dtype)  # fmt: skip
@@ -178,7 +180,7 @@ def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, dtype):
         *args, True, 16, True, config={"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
     )
     serial = launch.selective_scan_fwd(
-        *args, True, 16, True, config={"SERIAL": 1, "SEG": seg, "BLOCK_D": 4}
+        *args, True, 16, True, config={"SERIAL": 1, "SEG": seg, "BLOCK_D": 4, "NSPLIT": nsplit}
     )
     for a, b, name in zip(group, serial, ("out", "last", "ckpt")):
         assert b.shape == a.shape and torch.isfinite(b).all(), name
@@ -188,14 +190,14 @@ def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, dtype):
 
 
 def test_serial_forward_large_state_takes_the_group_kernel(device, monkeypatch):
-    # N above MAX_SERIAL_N: SERIAL is ignored (the states would not fit in registers)
+    # N / NSPLIT above MAX_SERIAL_N: SERIAL is ignored (the states would not fit in registers)
     from scanopt.ops.selective_scan import kernels
 
     x = op.make_inputs(1, 3, 9, launch.MAX_SERIAL_N + 1, device=device, seed=0)
     called = mock.Mock(side_effect=AssertionError("serial kernel launched"))
     monkeypatch.setattr(kernels, "selective_scan_fwd_serial_kernel", called)
     out, _, _ = launch.selective_scan_fwd(*[x[n] for n in op._TENSORS], True, 8, False,
-                                          config={"SERIAL": 1})  # fmt: skip
+                                          config={"SERIAL": 1, "NSPLIT": 1})  # fmt: skip
     assert torch.isfinite(out).all()
 
 
@@ -394,7 +396,8 @@ def test_public_nondeterministic_backward(device, use_op):
     [({"BLOCK_Q": 2}, "unknown selective_scan fwd config keys"), ({"BLOCK_G": 3}, "power of two"),
      ({"COLS": 3}, "COLS must be 1 or 2"), ({"PREFETCH": 2}, "PREFETCH must be 0 or 1"),
      ({"SEGMENTS": 0}, "unknown selective_scan fwd config keys"),
-     ({"SERIAL": 2}, "SERIAL must be 0 or 1"), ({"SEG": -1}, "SEG must be")],
+     ({"SERIAL": 2}, "SERIAL must be 0 or 1"), ({"SEG": -1}, "SEG must be"),
+     ({"NSPLIT": 3}, "NSPLIT must be a power of two")],
 )  # fmt: skip
 def test_bad_launch_config_is_rejected(device, config, match):
     x = op.make_inputs(1, 3, 8, 2, device=device)

@@ -395,39 +395,22 @@ def selective_scan_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Serial forward family (config SERIAL=1, N <= MAX_SERIAL_N): one channel per thread, the N
-# states of a channel in that thread's registers (a tuple of [BD, 1] tensors), the steps walked
-# one by one. No group scan, no second state pass and no cross-lane traffic: per (t, d, n) one
-# exp2 and four FMA-pipe operations. Parallelism over L comes from segments of SEG steps:
-# PASS 1 runs every segment but the last from a zero state (its end state and sum of dt),
-# ``selective_scan_fwd_combine_kernel`` chains them into each segment's start state, PASS 2
-# reruns every segment from its start state and writes out, the checkpoints and the last state.
+# Serial forward family (config SERIAL=1): a channel's N states live in the registers of
+# NSPLIT lanes (N / NSPLIT each, a tuple of [BD, NS, 1] tensors, state n = j * NSPLIT + lane),
+# and the steps are walked one by one. No group scan and no second state pass: per (t, d, n)
+# one exp2 and four FMA-pipe operations, plus a log2(NSPLIT)-round lane sum of y per step and
+# channel. Parallelism over L comes from segments of SEG steps: PASS 1 runs every segment but
+# the last from a zero state (its end state and sum of dt), ``selective_scan_fwd_combine_kernel``
+# chains them into each segment's start state, PASS 2 reruns every segment from its start state
+# and writes out, the checkpoints and the last state. One segment: PASS 2 alone.
 
 
 @triton.jit
-def _serial_tile(base, offs_t, offs_d, mask, s_l, s_d, T: tl.constexpr):
-    """A [BD, T] tile of a (dim, L)-strided input as T [BD, 1] fp32 step columns. With T * the
-    element size = 16 bytes, Triton's coalesced layout gives each thread its channel's T steps
-    (one vector load), so the split is in registers."""
-    x = tl.load(base + offs_t[None, :] * s_l + offs_d[:, None] * s_d, mask=mask, other=0.0)
-    return _rows(tl.reshape(x.to(tl.float32), [x.shape[0], 1, T]), T)
-
-
-@triton.jit
-def _serial_bc(base, fixed, n, offs_t, offs_d, mask, s_n, s_l, VAR: tl.constexpr,
-               T: tl.constexpr):  # fmt: skip
-    """Column n of B or C over the block's T steps as T [BD, 1] values: variable, one vector
-    load per thread of the row every channel shares (the same address on every lane); fixed,
-    the channel's value ``fixed[n]`` repeated."""
-    if VAR:
-        x = tl.load(base + n * s_n + offs_t[None, :] * s_l + offs_d[:, None] * 0, mask=mask,
-                    other=0.0)  # fmt: skip
-        out = _rows(tl.reshape(x.to(tl.float32), [x.shape[0], 1, T]), T)
-    else:
-        out = ()
-        for _t in tl.static_range(T):
-            out = out + (fixed[n],)
-    return out
+def _serial_rows(ptrs, mask, NS: tl.constexpr, T: tl.constexpr):
+    """A [BD, NS, T] load (T steps contiguous, 16 bytes: one vector per lane, so Triton's
+    coalesced layout has the T steps in each thread) as T [BD, NS] fp32 step rows, split in
+    registers."""
+    return _rows(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), T)
 
 
 @triton.jit
@@ -489,6 +472,7 @@ def selective_scan_fwd_serial_kernel(
     C_VAR: tl.constexpr,
     STORE_CKPT: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NSPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     """One segment of SEG steps of BLOCK_D channels. Grid: (cdiv(dim, BLOCK_D), segments,
@@ -501,112 +485,141 @@ def selective_scan_fwd_serial_kernel(
     one after step L-1) and, in the last segment, the last state ``state[b, n, d]``.
     B/C as in ``selective_scan_fwd_kernel`` (variable: the group of the channel block).
     """
+    NPT: tl.constexpr = (N + NSPLIT - 1) // NSPLIT  # states per lane
     pid_d = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
     d0 = pid_d * BLOCK_D
     offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
-    mask_d = offs_d < dim
-    md = mask_d[:, None]  # [BD, 1]
-    col_d = offs_d[:, None]  # [BD, 1]
+    lane_n = tl.arange(0, NSPLIT)[None, :, None]  # [1, NS, 1]
+    col_d = offs_d[:, None, None]  # [BD, 1, 1]
+    md = col_d < dim  # [BD, 1, 1]
     t_begin = pid_s * SEG
     t_stop = tl.minimum(t_begin + SEG, L)
+    t3 = tl.arange(0, BLOCK_T)[None, None, :]  # [1, 1, T]
 
-    # per channel and state: A log2(e), fixed B / C, the state ([BD, 1] each)
+    u_base = u_ptr + pid_b * s_u_b + col_d * s_u_d + lane_n * 0  # [BD, NS, 1]
+    # the layout every per-step [BD, NS] value takes (the split rows of a [BD, NS, T] load):
+    # the state, A and the rest are put in it once here, so the step loop changes no layout
+    zero = _serial_rows(u_base + t3 * 0, md & (t3 < 0), NSPLIT, BLOCK_T)[0]  # [BD, NS] zeros
+    lane2 = tl.arange(0, NSPLIT)[None, :]  # [1, NS]
+    col2 = offs_d[:, None]  # [BD, 1]
+    md2 = col2 < dim
+
+    # per channel and state: A log2(e), fixed B / C, the state ([BD, NS] each; states past N
+    # have A = B = C = 0 and stay 0)
     A2 = ()
     Bf = ()
     Cf = ()
     h = ()
-    for n in tl.static_range(N):
-        A2 = A2 + (tl.load(A_ptr + col_d * s_A_d + n * s_A_n, mask=md, other=0.0) * LOG2E,)
+    for j in tl.static_range(NPT):
+        n = j * NSPLIT + lane2  # [1, NS]
+        mn = md2 & (n < N)
+        A2 = A2 + (zero + tl.load(A_ptr + col2 * s_A_d + n * s_A_n, mask=mn, other=0.0) * LOG2E,)
         if not B_VAR:
-            Bf = Bf + (tl.load(B_ptr + col_d * s_B_g + n * s_B_n, mask=md, other=0.0).to(
+            Bf = Bf + (zero + tl.load(B_ptr + col2 * s_B_g + n * s_B_n, mask=mn, other=0.0).to(
                 tl.float32),)  # fmt: skip
         if not C_VAR:
-            Cf = Cf + (tl.load(C_ptr + col_d * s_C_g + n * s_C_n, mask=md, other=0.0).to(
+            Cf = Cf + (zero + tl.load(C_ptr + col2 * s_C_g + n * s_C_n, mask=mn, other=0.0).to(
                 tl.float32),)  # fmt: skip
         if PASS == 2 and HAS_HS:
-            h = h + (tl.load(hs_ptr + pid_b * s_hs_b + pid_s * s_hs_s + col_d * s_hs_d
-                             + n * s_hs_n, mask=md, other=0.0).to(tl.float32),)  # fmt: skip
+            h = h + (zero + tl.load(hs_ptr + pid_b * s_hs_b + pid_s * s_hs_s + col2 * s_hs_d
+                                    + n * s_hs_n, mask=mn, other=0.0).to(tl.float32),)  # fmt: skip
         else:
-            h = h + (tl.zeros([BLOCK_D, 1], dtype=tl.float32),)
-    bias = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+            h = h + (zero,)
+    T2: tl.constexpr = BLOCK_T // NSPLIT  # steps per lane where each (t, d) is done once
+    tq = lane_n * T2 + tl.arange(0, T2)[None, None, :]  # [1, NS, T2]
+    bias = tl.zeros([BLOCK_D, 1, 1], dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + col_d * s_bias, mask=md, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+        bias += tl.load(bias_ptr + col_d * s_bias, mask=md, other=0.0).to(tl.float32)
+    # D u enters y once per channel: on state lane 0
+    Dv = zero
     if HAS_D:
-        Dv = tl.load(D_ptr + col_d * s_D, mask=md, other=0.0).to(tl.float32)
-    dtsum = tl.zeros([BLOCK_D, 1], dtype=tl.float32)
+        Dv += tl.load(D_ptr + col2 * s_D, mask=md2 & (lane2 == 0), other=0.0).to(tl.float32)
+    dtsum = tl.zeros([BLOCK_D, NSPLIT, T2], dtype=tl.float32)
 
-    u_base = u_ptr + pid_b * s_u_b
-    dt_base = delta_ptr + pid_b * s_dt_b
-    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g
-    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g
-    io_base = (pid_b * dim + col_d) * L  # [BD, 1] into out
-    nd = col_d + tl.arange(0, 1)[None, :] * 0  # [BD, 1] channel offsets of [.., N, dim] rows
+    dt_base = delta_ptr + pid_b * s_dt_b + col_d * s_dt_d + lane_n * 0
+    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d * 0 + lane_n * s_B_n
+    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d * 0 + lane_n * s_C_n
+    out_base = out_ptr + (pid_b * dim + col_d) * L  # [BD, 1, 1]
     for t0 in range(t_begin, t_stop, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)  # [T]
-        mask_t = offs_t < t_stop
-        m2 = md & mask_t[None, :]  # [BD, T]
-        mb = (offs_d >= 0)[:, None] & mask_t[None, :]  # B/C rows: every lane loads them
-        u_r = _serial_tile(u_base, offs_t, offs_d, m2, s_u_l, s_u_d, BLOCK_T)
-        pre_r = _serial_tile(dt_base, offs_t, offs_d, m2, s_dt_l, s_dt_d, BLOCK_T)
-        valid = _rows(tl.reshape(m2.to(tl.float32), [BLOCK_D, 1, BLOCK_T]), BLOCK_T)
-        dt_r = ()
+        m3 = md & (t0 + t3 < t_stop)  # [BD, 1, T]
+        mbc = (col_d >= 0) & (t0 + t3 < t_stop)  # B/C rows: every channel's lanes load them
+        mq = md & (t0 + tq < t_stop)  # [BD, NS, T2]
+        # dt once per (t, d): lane s of a channel takes steps s*T2 .. s*T2 + T2 - 1 (softplus
+        # costs three exp/log/rcp; NSPLIT copies would add NSPLIT * 3 / (N / NSPLIT) of the
+        # recurrence's exp2s), then every lane gets the block's T values
+        dt_q = tl.load(dt_base + (t0 + tq) * s_dt_l, mask=mq, other=0.0).to(tl.float32) + bias
+        if SOFTPLUS:
+            dt_q = _softplus(dt_q)
+        dt_q = tl.where(mq, dt_q, 0.0)  # past L: decay 1, input 0
+        if PASS == 1:
+            dtsum += dt_q
+        u3 = tl.load(u_base + (t0 + t3) * s_u_l, mask=m3, other=0.0).to(tl.float32)
+        dt3 = u3 * 0.0 + tl.reshape(dt_q, [BLOCK_D, BLOCK_T])[:, None, :]  # [BD, NS, T]
+        u_r = _rows(u3, BLOCK_T)
+        dt_r = _rows(dt3, BLOCK_T)
         dtu_r = ()
-        for t in tl.static_range(BLOCK_T):
-            pre = pre_r[t] + bias
-            dt = pre
-            if SOFTPLUS:
-                dt = _softplus(pre)
-            dt = tl.where(valid[t] > 0, dt, 0.0)  # past L: decay 1, input 0
-            if PASS == 1:
-                dtsum += dt
-            dt_r = dt_r + (dt,)
-            dtu_r = dtu_r + (dt * u_r[t],)
         y_r = ()
         for t in tl.static_range(BLOCK_T):
+            dtu_r = dtu_r + (dt_r[t] * u_r[t],)
             y_r = y_r + (Dv * u_r[t],)
         new_h = ()
-        for n in tl.static_range(N):
-            Bn = _serial_bc(B_base, Bf, n, offs_t, offs_d, mb, s_B_n, s_B_l, B_VAR, BLOCK_T)
-            if PASS == 2:
-                Cn = _serial_bc(C_base, Cf, n, offs_t, offs_d, mb, s_C_n, s_C_l, C_VAR, BLOCK_T)
-            hn = h[n]
+        for j in tl.static_range(NPT):
+            m_bc = mbc & (j * NSPLIT + lane_n < N)  # [BD, NS, T]
+            if B_VAR:
+                Bj = _serial_rows(B_base + j * NSPLIT * s_B_n + (t0 + t3) * s_B_l, m_bc, NSPLIT,
+                                  BLOCK_T)  # fmt: skip
+            if PASS == 2 and C_VAR:
+                Cj = _serial_rows(C_base + j * NSPLIT * s_C_n + (t0 + t3) * s_C_l, m_bc, NSPLIT,
+                                  BLOCK_T)  # fmt: skip
+            hj = h[j]
             new_y = ()
             for t in tl.static_range(BLOCK_T):
-                hn = tl.exp2(dt_r[t] * A2[n]) * hn + dtu_r[t] * Bn[t]
+                if B_VAR:
+                    inp = dtu_r[t] * Bj[t]
+                else:
+                    inp = dtu_r[t] * Bf[j]
+                hj = tl.exp2(dt_r[t] * A2[j]) * hj + inp
                 if PASS == 2:
-                    new_y = new_y + (y_r[t] + hn * Cn[t],)
+                    if C_VAR:
+                        new_y = new_y + (y_r[t] + hj * Cj[t],)
+                    else:
+                        new_y = new_y + (y_r[t] + hj * Cf[j],)
             if PASS == 2:
                 y_r = new_y
-            new_h = new_h + (hn,)
+            new_h = new_h + (hj,)
         h = new_h
         if PASS == 2:
-            y = tl.reshape(_join_rows(y_r, BLOCK_T), [BLOCK_D, BLOCK_T])
+            y = tl.sum(_join_rows(y_r, BLOCK_T), axis=1)  # [BD, NS, T] -> [BD, T]
+            # back to one (t, d) per lane for the gate and the store
+            y = tl.reshape(y, [BLOCK_D, NSPLIT, T2])
             if HAS_Z:
-                zt = tl.load(z_ptr + pid_b * s_z_b + offs_t[None, :] * s_z_l + col_d * s_z_d,
-                             mask=m2, other=0.0).to(tl.float32)  # fmt: skip
-                y = y * zt * tl.sigmoid(zt)
-            tl.store(out_ptr + io_base + offs_t[None, :], y.to(out_ptr.dtype.element_ty),
-                     mask=m2)  # fmt: skip
+                zq = tl.load(z_ptr + pid_b * s_z_b + col_d * s_z_d + (t0 + tq) * s_z_l,
+                             mask=mq, other=0.0).to(tl.float32)  # fmt: skip
+                y = y * zq * tl.sigmoid(zq)
+            tl.store(out_base + t0 + tq, y.to(out_ptr.dtype.element_ty), mask=mq)
             if STORE_CKPT:
                 # a mask, not a branch: after step (k+1)*CK - 1, or the last step (CK is a
                 # multiple of BLOCK_T, so a block lies inside one checkpoint chunk, k)
                 at_ck = (((t0 + BLOCK_T) % CK) == 0) | (t0 + BLOCK_T >= L)
                 kk = t0 // CK
-                for n in tl.static_range(N):
-                    tl.store(ckpt_ptr + ((pid_b * n_ck + kk) * N + n) * dim + nd, h[n],
-                             mask=md & at_ck)  # fmt: skip
+                for j in tl.static_range(NPT):
+                    n = j * NSPLIT + lane2
+                    tl.store(ckpt_ptr + ((pid_b * n_ck + kk) * N + n) * dim + col2, h[j],
+                             mask=md2 & (n < N) & at_ck)  # fmt: skip
     if PASS == 1:
-        for n in tl.static_range(N):
-            tl.store(hend_ptr + ((pid_b * tl.num_programs(1) + pid_s) * N + n) * dim + nd, h[n],
-                     mask=md)  # fmt: skip
-        tl.store(dtsum_ptr + (pid_b * tl.num_programs(1) + pid_s) * dim + nd, dtsum, mask=md)
+        row = pid_b * tl.num_programs(1) + pid_s
+        for j in tl.static_range(NPT):
+            n = j * NSPLIT + lane2
+            tl.store(hend_ptr + (row * N + n) * dim + col2, h[j], mask=md2 & (n < N))
+        tl.store(dtsum_ptr + row * dim + offs_d, tl.sum(tl.sum(dtsum, axis=2), axis=1),
+                 mask=offs_d < dim)  # fmt: skip
     else:
         last = t_stop >= L
-        for n in tl.static_range(N):
-            tl.store(state_ptr + (pid_b * N + n) * dim + nd, h[n], mask=md & last)
+        for j in tl.static_range(NPT):
+            n = j * NSPLIT + lane2
+            tl.store(state_ptr + (pid_b * N + n) * dim + col2, h[j], mask=md2 & (n < N) & last)
 
 
 @triton.jit

@@ -26,6 +26,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
         "PREFETCH",
         "SERIAL",
         "SEG",
+        "NSPLIT",
         "num_warps",
         "num_stages",
     ),
@@ -48,8 +49,8 @@ _GRID_YZ_MAX = 65535
 #: largest state size the kernels take (mamba_ssm's MAX_DSTATE)
 MAX_DSTATE = 256
 
-#: largest state size of the serial forward (``SERIAL=1``: the N states of a channel live in
-#: one thread's registers; larger N takes the group-scan kernel)
+#: most states one lane keeps in the serial forward (``SERIAL=1``: a channel's N states live in
+#: the registers of ``NSPLIT`` lanes; a larger ``N / NSPLIT`` takes the group-scan kernel)
 MAX_SERIAL_N = 16
 
 
@@ -157,6 +158,8 @@ def resolve_config(
         raise ValueError(f"PREFETCH must be 0 or 1, got {cfg['PREFETCH']}")
     if "SERIAL" in cfg and cfg["SERIAL"] not in (0, 1):
         raise ValueError(f"SERIAL must be 0 or 1, got {cfg['SERIAL']!r}")
+    if "NSPLIT" in cfg and cfg["NSPLIT"] not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"NSPLIT must be a power of two <= 32, got {cfg['NSPLIT']!r}")
     if "SEG" in cfg and (not isinstance(cfg["SEG"], int) or cfg["SEG"] < 0):
         raise ValueError(f"SEG must be a non-negative int (0: automatic), got {cfg['SEG']!r}")
     if "SEGMENTS" in cfg and (not isinstance(cfg["SEGMENTS"], int) or cfg["SEGMENTS"] < 1):
@@ -263,7 +266,7 @@ def selective_scan_fwd(
         "fwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
         device_type=u.device.type,
     )  # fmt: skip
-    if cfg.get("SERIAL") and N <= MAX_SERIAL_N:
+    if cfg.get("SERIAL") and cdiv(N, serial_split(cfg, N, u.element_size())) <= MAX_SERIAL_N:
         return _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
                            chunk, store_ckpt, cfg)  # fmt: skip
     if store_ckpt and not (config and {"BLOCK_G", "BLOCK_R"} <= set(config)):
@@ -299,14 +302,25 @@ def selective_scan_fwd(
     return out, state.transpose(1, 2).contiguous(), ckpt
 
 
-def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int) -> int:
+def serial_block(esize: int) -> int:
+    """Steps per block of the serial forward: 16 bytes of u (one vector load per lane)."""
+    return max(2, 16 // esize)
+
+
+def serial_split(cfg: dict, N: int, esize: int) -> int:
+    """Lanes per channel in the serial forward (``NSPLIT``; default 4, fewer for N < 4; at
+    most the block's steps, which the lanes share for the softplus and the gate)."""
+    return min(int(cfg.get("NSPLIT", min(4, next_pow2(N)))), serial_block(esize))
+
+
+def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int, nsplit: int) -> int:
     """Steps per segment of the serial forward: ``cfg["SEG"]`` rounded up to a multiple of
-    ``block_t``, or (``SEG`` 0) enough segments for ~2048 one-warp programs of 32 channels
-    (16 per SM on a 132-SM GPU: PASS 1 repeats a segment's exp2s, so no more than needed), at
-    least 256 steps each."""
+    ``block_t``, or (``SEG`` 0) just enough segments for ~1024 warps in all (8 per SM on a
+    132-SM GPU; PASS 1 repeats a segment's exp2s, so no more than needed), at least 256 steps
+    each."""
     seg = int(cfg.get("SEG", 0))
     if seg <= 0:
-        n_seg = max(1, min(cdiv(2048 * 32, batch * dim), cdiv(L, 256)))
+        n_seg = max(1, min(cdiv(1024 * 32, batch * dim * nsplit), cdiv(L, 256)))
         seg = cdiv(L, n_seg)
     return cdiv(seg, block_t) * block_t
 
@@ -325,12 +339,16 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     dev = u.device
     f32 = torch.float32
     # 16 bytes of u per thread and load: the whole step block in one vector, in registers
-    block_t = max(2, 16 // u.element_size())
+    block_t = serial_block(u.element_size())
     if store_ckpt and chunk % block_t:
         raise ValueError(f"the checkpoint chunk {chunk} must be a multiple of {block_t}")
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
-    BD = _group_aligned_block(cfg["BLOCK_D"], dim, bcb, bcc)
-    seg = serial_segment(cfg, batch=batch, dim=dim, L=L, block_t=block_t)
+    nsplit = serial_split(cfg, N, u.element_size())
+    # one channel per NSPLIT lanes: 32 / NSPLIT channels per warp unless BLOCK_D says fewer
+    BD = _group_aligned_block(
+        min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit)), dim, bcb, bcc
+    )
+    seg = serial_segment(cfg, batch=batch, dim=dim, L=L, block_t=block_t, nsplit=nsplit)
     n_seg = cdiv(L, seg)
     n_ck = cdiv(L, chunk) if store_ckpt else 0
     out = empty((batch, dim, L), u.dtype, dev)
@@ -339,7 +357,8 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     n_dblk = cdiv(dim, BD)
     common = dict(
         N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD, BLOCK_T=block_t,
+        SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD, NSPLIT=nsplit,
+        BLOCK_T=block_t,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     strides = (
