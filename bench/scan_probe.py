@@ -31,16 +31,18 @@ BUDGET = 2.5e-2  # bf16 relative-L2 budget of the verify rule
 
 # forward-only configs (no checkpoints): (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, COLS[, PREFETCH]])
 FWD_SWEEP = [
-    (4, 8, 16, 1, 2, 1), (32, 1, 8, 1, 1, 0, 1, 0), (32, 1, 8, 1, 1, 0, 1, 1024),
-    (32, 1, 8, 1, 1, 0, 1, 4096), (64, 1, 8, 2, 1, 0, 1, 0), (32, 1, 8, 1, 1, 0, 1, 256),
-    (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1), (1, 32, 4, 1, 2, 1),
+    (4, 8, 16, 1, 2, 1), (32, 1, 8, 1, 1, 0, 1, 0, 4), (32, 1, 8, 1, 1, 0, 1, 0, 1),
+    (32, 1, 8, 1, 1, 0, 1, 0, 2), (32, 1, 8, 1, 1, 0, 1, 512, 4), (64, 1, 8, 2, 1, 0, 1, 0, 4),
+    (32, 1, 8, 1, 1, 0, 1, 0, 8), (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1),
+    (1, 32, 4, 1, 2, 1), (32, 1, 8, 1, 1, 0, 1, 1024, 1),
     (1, 32, 16, 1), (4, 8, 16, 1), (2, 16, 16, 1), (2, 16, 16, 1, 1, 1), (1, 32, 8, 1, 1, 1),
     (2, 32, 16, 2, 1, 1), (1, 32, 32, 1, 1, 1),
 ]  # fmt: skip  # the first nine are the --quick sweep
 # training pairs timed in --quick too: (forward config, backward sweep tuple)
 PAIR_SWEEP = [
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1}, (32, 8, 16, 4)),
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1}, (4, 8, 16, 1, 0, 1, 1)),
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (32, 8, 16, 4)),
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (4, 8, 16, 1, 0, 1, 1)),
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (1, 32, 4, 1, 0, 1, 1)),
 ]
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
@@ -55,13 +57,14 @@ BWD_SWEEP = [
 
 
 def cfg_of(t):
-    """A forward sweep tuple (BD, G, R, warps[, COLS[, PREFETCH[, SERIAL, SEG]]]) as a launch
-    config (SERIAL 1: the serial family, one channel per thread; G and R unused)."""
+    """A forward sweep tuple (BD, G, R, warps[, COLS[, PREFETCH[, SERIAL, SEG, NSPLIT]]]) as a
+    launch config (SERIAL 1: the serial family, a channel's states on NSPLIT lanes; G and R
+    unused; SEG 0: automatic segments)."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     cfg["COLS"] = t[4] if len(t) > 4 else 1  # explicit: the launcher's default has COLS 2
     cfg["PREFETCH"] = t[5] if len(t) > 5 else 0
     if len(t) > 6:
-        cfg["SERIAL"], cfg["SEG"] = t[6], t[7]
+        cfg["SERIAL"], cfg["SEG"], cfg["NSPLIT"] = t[6], t[7], t[8]
     return cfg
 
 
