@@ -556,6 +556,9 @@ def selective_scan_fwd_serial_kernel(
         if PASS == 1:
             dtsum += dt_q
         u3 = tl.load(u_base + (t0 + t3) * s_u_l, mask=m3, other=0.0).to(tl.float32)
+        # a max over a unit axis: the layout pass does not move the broadcast's conversion
+        # back through it, so the softplus stays at one (t, d) per lane
+        dt_q = tl.max(tl.reshape(dt_q, [BLOCK_D, NSPLIT, T2, 1]), axis=3)
         dt3 = u3 * 0.0 + tl.reshape(dt_q, [BLOCK_D, BLOCK_T])[:, None, :]  # [BD, NS, T]
         u_r = _rows(u3, BLOCK_T)
         dt_r = _rows(dt3, BLOCK_T)
