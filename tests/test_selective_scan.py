@@ -184,8 +184,10 @@ def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit,
     )
     for a, b, name in zip(group, serial, ("out", "last", "ckpt")):
         assert b.shape == a.shape and torch.isfinite(b).all(), name
-        torch.testing.assert_close(b.float(), a.float(), rtol=2e-5, atol=1e-4 if
-                                   dtype == torch.float16 else 2e-5, msg=name)  # fmt: skip
+        # fp32 states agree to rounding; an fp16 output may round the other way (one ulp,
+        # 2^-10 relative: the two kernels sum y over the states in different orders)
+        tol = 2e-3 if name == "out" and dtype == torch.float16 else 2e-5
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol, msg=name)
     _assert_forward_matches_reference(x, serial[0], serial[1], f"serial {bk}/{ck} seg {seg}")
 
 
