@@ -431,10 +431,23 @@ def test_last_state_gradient_alone(device):
 
 def test_backward_is_deterministic(device):
     x = op.make_inputs(2, 40, 130, 16, device=device, seed=3)
+    x["deterministic"] = True
     _, _, g1 = op.run_case(x)
     _, _, g2 = op.run_case(x)
     for n in g1:
         assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.parametrize("torch_flag", [False, True])
+def test_default_determinism_follows_torch(device, monkeypatch, torch_flag):
+    # deterministic=None: the fixed-order backward exactly when torch's deterministic
+    # algorithms are on (mamba_ssm's own backward uses atomics either way)
+    x = op.make_inputs(1, 4, 9, 2, device=device, seed=1)
+    spy = mock.Mock(wraps=launch.selective_scan_bwd)
+    monkeypatch.setattr(launch, "selective_scan_bwd", spy)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: torch_flag)
+    op.run_case(x)
+    assert spy.call_args.kwargs["deterministic"] is torch_flag
 
 
 def test_strided_inputs(device):
@@ -833,6 +846,7 @@ def test_gpu_state_update(nheads, dim, dtype):
 @pytest.mark.gpu
 def test_gpu_deterministic_anchor_width():
     x = op.make_inputs(2, 2048, 1024, 16, dtype=torch.bfloat16, device="cuda")
+    x["deterministic"] = True
     _, _, g1 = op.run_case(x)
     _, _, g2 = op.run_case(x)
     for n in g1:
@@ -847,6 +861,7 @@ def test_gpu_segmented_backward_bf16(monkeypatch, tile):
     # reference, same-dtype PyTorch baseline), and du/ddelta/dz equal to one launch's bits.
     x = op.make_inputs(2, 256, 4096, 16, dtype=torch.bfloat16, device="cuda", seed=3,
                        initial_state=True)  # fmt: skip
+    x["deterministic"] = True  # segments are the deterministic path's
     default = launch.default_config
 
     def with_segments(segments):
