@@ -207,6 +207,11 @@ def default_config(
         else:
             # H100, 2026-12-07: WKV-6's decay pass, bwd 3.94 -> 3.17 ms (4k), 15.8 -> 12.5 (16k)
             cfg["CARRY"], cfg["DPASS"] = 0, int(op == "wkv6")
+            if op == "wkv6":
+                # H100, 4k, tenth session: 32-step chunks for the backward's serial pass, bwd
+                # 3.19 -> 3.01 ms (16: 3.14, 128: 4.03); each 16-step block program carries its
+                # chunk's cotangent over fewer later rows (the forward keeps 64: 1.13 vs 1.18)
+                cfg["BT"] = 32
         return cfg
     if mode == "chunked" and direction == "bwd":
         # throughput-bound: whole V per program (no fp32 partial sums over V-blocks), the
