@@ -71,7 +71,7 @@ def _inspect(kernel, arch: str) -> tuple[str, str, int]:
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
-    mix = {op: sum(o == op for o in ops) for op in ("BAR", "STS", "STSM", "LDS", "SHFL", "LDG", "MUFU")}
+    mix = {op: sum(o == op for o in ops) for op in ("BAR", "STS", "STSM", "LDS", "SHFL", "LDG", "MUFU", "REDG", "ATOMG")}
     return (
         regs.group(1) if regs else "?",
         spills.group(1) if spills else "?",

@@ -949,9 +949,11 @@ def selective_scan_bwd_kernel(
             gxA_r = nxA
             if HAS_Z:
                 y_r = ny
+            # the thread's own [BD, G] slots, added to by a reduction (no load to wait for): one
+            # thread per address, whose same-address operations keep program order, so the
+            # sum's order (and bits) are fixed
             slot = nd_off + n * BLOCK_G * dim
-            tl.store(dA_ptr + slot, tl.load(dA_ptr + slot, mask=mask_dg, other=0.0) + dAn,
-                     mask=mask_dg)  # fmt: skip
+            tl.atomic_add(dA_ptr + slot, dAn, mask=mask_dg, sem="relaxed")
             if B_VAR:
                 if ATOMIC_BC == 2:  # every channel's term: [BD, G, R]
                     tl.atomic_add(dB_ptr + part_off_b + n * L + l3 + offs_d[:, None, None] * 0,
@@ -965,8 +967,7 @@ def selective_scan_bwd_kernel(
                     else:
                         tl.store(dB_ptr + part_off_b + n * L + l3, part, mask=mask_l3)
             else:
-                tl.store(dB_ptr + slot, tl.load(dB_ptr + slot, mask=mask_dg, other=0.0) + dBn,
-                         mask=mask_dg)  # fmt: skip
+                tl.atomic_add(dB_ptr + slot, dBn, mask=mask_dg, sem="relaxed")
             if C_VAR:
                 if ATOMIC_BC == 2:  # every channel's term: [BD, G, R]
                     tl.atomic_add(dC_ptr + part_off_c + n * L + l3 + offs_d[:, None, None] * 0,
@@ -980,8 +981,7 @@ def selective_scan_bwd_kernel(
                     else:
                         tl.store(dC_ptr + part_off_c + n * L + l3, part, mask=mask_l3)
             else:
-                tl.store(dC_ptr + slot, tl.load(dC_ptr + slot, mask=mask_dg, other=0.0) + dCn,
-                         mask=mask_dg)  # fmt: skip
+                tl.atomic_add(dC_ptr + slot, dCn, mask=mask_dg, sem="relaxed")
         gB = _join_rows(gB_r, BLOCK_R)  # [BD, G, R]
         ddt = _join_rows(gxA_r, BLOCK_R) * (1.0 / LOG2E) + gB * u
         du = gB * dt
