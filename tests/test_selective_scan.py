@@ -160,14 +160,14 @@ def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L)
 
 
 @pytest.mark.parametrize(
-    "bk,ck,h0,seg,N,nsplit,dtype",
-    [("variable", "variable", False, 16, 4, 1, torch.float32),
-     ("grouped", "fixed", True, 24, 5, 4, torch.float32),
-     ("fixed", "grouped", True, 0, 16, 2, torch.float16),
-     ("variable", "grouped", False, 40, 3, 4, torch.float16),
-     ("variable", "fixed", True, 24, 16, 8, torch.float16)],
+    "bk,ck,h0,seg,N,nsplit,pf,dtype",
+    [("variable", "variable", False, 16, 4, 1, 0, torch.float32),
+     ("grouped", "fixed", True, 24, 5, 4, 1, torch.float32),
+     ("fixed", "grouped", True, 0, 16, 2, 1, torch.float16),
+     ("variable", "grouped", False, 40, 3, 4, 0, torch.float16),
+     ("variable", "fixed", True, 24, 16, 8, 1, torch.float16)],
 )  # fmt: skip
-def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit, dtype):
+def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit, pf, dtype):
     # SERIAL=1: a channel's states on NSPLIT lanes walk the steps one by one, segments
     # chained by PASS 1 + combine (N not a multiple of NSPLIT: padded lanes). Same recurrence
     # as the group-scan kernel up to rounding: output, last state and every checkpoint, and the
@@ -180,7 +180,11 @@ def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit,
         *args, True, 16, True, config={"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
     )
     serial = launch.selective_scan_fwd(
-        *args, True, 16, True, config={"SERIAL": 1, "SEG": seg, "BLOCK_D": 4, "NSPLIT": nsplit}
+        *args,
+        True,
+        16,
+        True,
+        config={"SERIAL": 1, "SEG": seg, "BLOCK_D": 4, "NSPLIT": nsplit, "PREFETCH": pf},
     )
     for a, b, name in zip(group, serial, ("out", "last", "ckpt")):
         assert b.shape == a.shape and torch.isfinite(b).all(), name

@@ -414,6 +414,32 @@ def _serial_rows(ptrs, mask, NS: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
+def _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n, t3, tq, N,
+                  s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT: tl.constexpr,
+                  NPT: tl.constexpr, PASS: tl.constexpr, B_VAR: tl.constexpr,
+                  C_VAR: tl.constexpr):  # fmt: skip
+    """The global loads of the block at step t0, in the inputs' dtypes (zeros past t_stop):
+    ``(u [BD, NS, T], dt before bias/softplus [BD, NS, T2], B rows, C rows)``, the rows a
+    tuple of NPT ``[BD, NS, T]`` tiles (empty when fixed, or C in PASS 1)."""
+    m3 = md & (t0 + t3 < t_stop)  # [BD, 1, T]
+    mbc = (col_d >= 0) & (t0 + t3 < t_stop)  # B/C rows: every channel's lanes load them
+    mq = md & (t0 + tq < t_stop)  # [BD, NS, T2]
+    dt_raw = tl.load(dt_base + (t0 + tq) * s_dt_l, mask=mq, other=0.0)
+    u_raw = tl.load(u_base + (t0 + t3) * s_u_l, mask=m3, other=0.0)
+    Braw = ()
+    Craw = ()
+    for j in tl.static_range(NPT):
+        m_bc = mbc & (j * NSPLIT + lane_n < N)  # [BD, NS, T]
+        if B_VAR:
+            Braw = Braw + (tl.load(B_base + j * NSPLIT * s_B_n + (t0 + t3) * s_B_l, mask=m_bc,
+                                   other=0.0),)  # fmt: skip
+        if PASS == 2 and C_VAR:
+            Craw = Craw + (tl.load(C_base + j * NSPLIT * s_C_n + (t0 + t3) * s_C_l, mask=m_bc,
+                                   other=0.0),)  # fmt: skip
+    return u_raw, dt_raw, Braw, Craw
+
+
+@triton.jit
 def selective_scan_fwd_serial_kernel(
     u_ptr,
     delta_ptr,
@@ -474,6 +500,7 @@ def selective_scan_fwd_serial_kernel(
     BLOCK_D: tl.constexpr,
     NSPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """One segment of SEG steps of BLOCK_D channels. Grid: (cdiv(dim, BLOCK_D), segments,
     batch).
@@ -542,20 +569,34 @@ def selective_scan_fwd_serial_kernel(
     B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d * 0 + lane_n * s_B_n
     C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d * 0 + lane_n * s_C_n
     out_base = out_ptr + (pid_b * dim + col_d) * L  # [BD, 1, 1]
+    # PREFETCH: the next block's loads are issued before this block's arithmetic (carried
+    # through the loop in the inputs' dtypes), so a block does not wait on its own loads
+    if PREFETCH:
+        ahead = _serial_loads(t_begin, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n,
+                              t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT, NPT,
+                              PASS, B_VAR, C_VAR)  # fmt: skip
     for t0 in range(t_begin, t_stop, BLOCK_T):
-        m3 = md & (t0 + t3 < t_stop)  # [BD, 1, T]
-        mbc = (col_d >= 0) & (t0 + t3 < t_stop)  # B/C rows: every channel's lanes load them
+        if PREFETCH:
+            cur = ahead
+            ahead = _serial_loads(t0 + BLOCK_T, t_stop, u_base, dt_base, B_base, C_base, md,
+                                  col_d, lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n,
+                                  s_C_l, NSPLIT, NPT, PASS, B_VAR, C_VAR)  # fmt: skip
+        else:
+            cur = _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n,
+                                t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT,
+                                NPT, PASS, B_VAR, C_VAR)  # fmt: skip
+        u_raw, dt_raw, Braw, Craw = cur
         mq = md & (t0 + tq < t_stop)  # [BD, NS, T2]
         # dt once per (t, d): lane s of a channel takes steps s*T2 .. s*T2 + T2 - 1 (softplus
         # costs three exp/log/rcp; NSPLIT copies would add NSPLIT * 3 / (N / NSPLIT) of the
         # recurrence's exp2s), then every lane gets the block's T values
-        dt_q = tl.load(dt_base + (t0 + tq) * s_dt_l, mask=mq, other=0.0).to(tl.float32) + bias
+        dt_q = dt_raw.to(tl.float32) + bias
         if SOFTPLUS:
             dt_q = _softplus(dt_q)
         dt_q = tl.where(mq, dt_q, 0.0)  # past L: decay 1, input 0
         if PASS == 1:
             dtsum += dt_q
-        u3 = tl.load(u_base + (t0 + t3) * s_u_l, mask=m3, other=0.0).to(tl.float32)
+        u3 = u_raw.to(tl.float32)
         # a max over a unit axis: the layout pass does not move the broadcast's conversion
         # back through it, so the softplus stays at one (t, d) per lane
         dt_q = tl.max(tl.reshape(dt_q, [BLOCK_D, NSPLIT, T2, 1]), axis=3)
@@ -569,13 +610,10 @@ def selective_scan_fwd_serial_kernel(
             y_r = y_r + (Dv * u_r[t],)
         new_h = ()
         for j in tl.static_range(NPT):
-            m_bc = mbc & (j * NSPLIT + lane_n < N)  # [BD, NS, T]
             if B_VAR:
-                Bj = _serial_rows(B_base + j * NSPLIT * s_B_n + (t0 + t3) * s_B_l, m_bc, NSPLIT,
-                                  BLOCK_T)  # fmt: skip
+                Bj = _rows(Braw[j].to(tl.float32), BLOCK_T)
             if PASS == 2 and C_VAR:
-                Cj = _serial_rows(C_base + j * NSPLIT * s_C_n + (t0 + t3) * s_C_l, m_bc, NSPLIT,
-                                  BLOCK_T)  # fmt: skip
+                Cj = _rows(Craw[j].to(tl.float32), BLOCK_T)
             hj = h[j]
             new_y = ()
             for t in tl.static_range(BLOCK_T):

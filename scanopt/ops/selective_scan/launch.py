@@ -358,7 +358,7 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     common = dict(
         N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD, NSPLIT=nsplit,
-        BLOCK_T=block_t,
+        BLOCK_T=block_t, PREFETCH=bool(cfg.get("PREFETCH", 0)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     strides = (
