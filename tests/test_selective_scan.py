@@ -292,6 +292,35 @@ def test_backward_prefetch_is_bit_identical(device, bk, ck, N, h0):
     _assert_backward_matches_reference(x, res[1], f"bwd PREFETCH {bk}/{ck} N={N}")
 
 
+def _two_backward_launches(x, key, values, exact):
+    """The backward launched twice from one forward's checkpoints (16-step chunks), with
+    ``{key: values[0]}`` and ``{key: values[1]}`` on a small tile: the gradients named in
+    ``exact`` equal to the bit, the others within 1e-5 (sums in another order). Returns the
+    second launch's gradients."""
+    args = [x[n] for n in op._TENSORS]
+    fwd_cfg = {"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
+    _, _, ckpt = launch.selective_scan_fwd(*args, True, 16, True, config=fwd_cfg)
+    bwd_cfg = {"BLOCK_D": 2, "BLOCK_R": 8}
+    first, second = (
+        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
+                                  config={**bwd_cfg, key: v})
+        for v in values
+    )  # fmt: skip
+    for name in first:
+        a, b = first[name], second[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert b.shape == a.shape and torch.isfinite(b).all(), name
+        if name in exact:
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(
+                b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+            )
+    return second
+
+
 @pytest.mark.parametrize(
     "bk,ck,h0,segments",
     [("variable", "fixed", True, 2), ("grouped", "variable", False, 3), ("fixed", "fixed", True, 8),
@@ -305,28 +334,8 @@ def test_segmented_backward_matches_one_launch(device, bk, ck, h0, segments):
     # chunks: 3 chunks, the last one short; 8 segments is more than there are chunks.
     x = op.make_inputs(2, 6, 45, 4, device=device, B_kind=bk, C_kind=ck, groups=2,
                        initial_state=h0, seed=segments)  # fmt: skip
-    args = [x[n] for n in op._TENSORS]
-    fwd_cfg = {"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
-    _, _, ckpt = launch.selective_scan_fwd(*args, True, 16, True, config=fwd_cfg)
-    bwd_cfg = {"BLOCK_D": 2, "BLOCK_R": 8}
-    one, seg = (
-        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
-                                  config={**bwd_cfg, "SEGMENTS": n})
-        for n in (1, segments)
-    )  # fmt: skip
-    exact = {"u", "delta", "z", "initial_state"}
-    for name in one:
-        a, b = one[name], seg[name]
-        if a is None:
-            assert b is None, name
-            continue
-        assert torch.isfinite(b).all(), name
-        if name in exact:
-            assert torch.equal(a, b), name
-        else:
-            torch.testing.assert_close(
-                b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-            )
+    seg = _two_backward_launches(x, "SEGMENTS", (1, segments),
+                                 exact={"u", "delta", "z", "initial_state"})  # fmt: skip
     _assert_backward_matches_reference(x, seg, f"bwd SEGMENTS={segments} {bk}/{ck}")
 
 
@@ -339,27 +348,8 @@ def test_atomic_backward_matches_deterministic(device, bk, ck, mode):
     # group (BLOCK_D 2, 6 channels, 2 groups), 3 chunks, the last one short.
     x = op.make_inputs(2, 6, 45, 4, device=device, B_kind=bk, C_kind=ck, groups=2,
                        initial_state=True, seed=mode)  # fmt: skip
-    args = [x[n] for n in op._TENSORS]
-    fwd_cfg = {"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
-    _, _, ckpt = launch.selective_scan_fwd(*args, True, 16, True, config=fwd_cfg)
-    bwd_cfg = {"BLOCK_D": 2, "BLOCK_R": 8}
-    det, atom = (
-        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
-                                  config={**bwd_cfg, "ATOMIC_BC": m})
-        for m in (0, mode)
-    )  # fmt: skip
-    for name in det:
-        a, b = det[name], atom[name]
-        if a is None:
-            assert b is None, name
-            continue
-        assert b.shape == a.shape and torch.isfinite(b).all(), name
-        if name in ("B", "C"):
-            torch.testing.assert_close(
-                b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-            )
-        else:
-            assert torch.equal(a, b), name
+    exact = {"u", "delta", "A", "D", "z", "delta_bias", "initial_state"}
+    atom = _two_backward_launches(x, "ATOMIC_BC", (0, mode), exact)
     _assert_backward_matches_reference(x, atom, f"bwd ATOMIC_BC={mode} {bk}/{ck}")
 
 
