@@ -64,7 +64,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 def default_config(
-    kind: str, *, dim: int, N: int, L: int = 1, dtype=torch.bfloat16, device_type: str = "cuda"
+    kind: str,
+    *,
+    dim: int,
+    N: int,
+    L: int = 1,
+    dtype=torch.bfloat16,
+    device_type: str = "cuda",
+    deterministic: bool = True,
 ) -> dict:
     """Heuristic launch config of one kernel (``kind``: ``fwd``, ``bwd`` or ``update``).
 
@@ -130,8 +137,13 @@ def default_config(
     # sums eightfold (4.3 GB at L = 16k); the tuner's memory rule excludes them too
     # (scanopt.autotune.spaces._scan_bwd_scratch_ok).
     # SEGMENTS: launches the backward is split into (1: one launch over the whole sequence)
-    return {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "PREFETCH": 0, "SEGMENTS": 1,
-            "num_warps": 4, "num_stages": 1}  # fmt: skip
+    cfg = {"BLOCK_D": 32, "BLOCK_G": 8, "BLOCK_R": 16, "PREFETCH": 0, "SEGMENTS": 1,
+           "num_warps": 4, "num_stages": 1}  # fmt: skip
+    if not deterministic:
+        # atomics remove the one-warp tile's partial sums: fwd with checkpoints + bwd 2.84 ms
+        # against 4.81 for the tile above (H100, anchor shape, 4k, tenth session); same chunk
+        cfg.update(BLOCK_D=4, num_warps=1)
+    return cfg
 
 
 def resolve_config(
@@ -169,20 +181,6 @@ def resolve_config(
     if "BLOCK_R" in cfg and cfg["BLOCK_R"] < 2:
         raise ValueError(f"BLOCK_R must be at least 2, got {cfg['BLOCK_R']}")
     return cfg
-
-
-def nondeterministic_config(cfg: dict, *, dim: int, N: int, device_type: str) -> dict:
-    """The backward config of ``deterministic=False``: ``ATOMIC_BC=1`` (each program adds its
-    channels' dB/dC sum by atomics), and where ``cfg`` is the heuristic default, one-warp
-    programs of 4 channels: the fastest tile of the H100 probe (12-06), kept out of the
-    deterministic default only by its 8x larger partial-sum buffers, which atomics remove. The
-    chunk (``BLOCK_G * BLOCK_R``, the checkpoint interval) is left as it is."""
-    out = {**cfg, "ATOMIC_BC": 1, "SEGMENTS": 1}
-    if cfg == default_config("bwd", dim=dim, N=N, device_type=device_type) and (
-        device_type == "cuda" and not interpreting()
-    ):
-        out.update(BLOCK_D=4, num_warps=1)
-    return out
 
 
 def checkpoint_chunk(*, batch: int, dim: int, N: int, L: int, dtype, device: torch.device) -> int:
@@ -266,9 +264,10 @@ def selective_scan_fwd(
         "fwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
         device_type=u.device.type,
     )  # fmt: skip
-    if cfg.get("SERIAL") and cdiv(N, serial_split(cfg, N, u.element_size())) <= MAX_SERIAL_N:
+    nsplit = serial_split(cfg, N, u.element_size())
+    if cfg.get("SERIAL") and cdiv(N, nsplit) <= MAX_SERIAL_N:
         return _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                           chunk, store_ckpt, cfg)  # fmt: skip
+                           chunk, store_ckpt, cfg, nsplit)  # fmt: skip
     if store_ckpt and not (config and {"BLOCK_G", "BLOCK_R"} <= set(config)):
         cfg = _fit_chunk(cfg, chunk)
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
@@ -326,7 +325,7 @@ def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int, nsp
 
 
 def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
-                store_ckpt, cfg):  # fmt: skip
+                store_ckpt, cfg, nsplit):  # fmt: skip
     """The serial forward family (``kernels.selective_scan_fwd_serial_kernel``); same results
     as :func:`selective_scan_fwd`."""
     from scanopt.ops.selective_scan.kernels import (
@@ -343,7 +342,6 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     if store_ckpt and chunk % block_t:
         raise ValueError(f"the checkpoint chunk {chunk} must be a multiple of {block_t}")
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
-    nsplit = serial_split(cfg, N, u.element_size())
     # one channel per NSPLIT lanes: 32 / NSPLIT channels per warp unless BLOCK_D says fewer
     BD = _group_aligned_block(
         min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit)), dim, bcb, bcc
@@ -418,8 +416,9 @@ def selective_scan_bwd(
     gives the same bits). Returns fp32 gradients keyed like the forward's arguments (``None``
     for an absent optional input); the caller casts them to the input dtypes.
 
-    ``deterministic=False`` lets variable/grouped dB/dC be summed by atomics (``ATOMIC_BC``,
-    see ``nondeterministic_config``); an explicit ``config`` key ``ATOMIC_BC`` wins either way.
+    ``deterministic=False`` sums variable/grouped dB/dC by atomics (``ATOMIC_BC=1``, one launch)
+    on the heuristic default's one-warp tile or a tuned tile; an explicit ``config`` key
+    ``ATOMIC_BC`` wins either way.
 
     ``ckpt`` must come from :func:`selective_scan_fwd` with the same ``chunk``; the backward's
     chunk ``BLOCK_G * BLOCK_R`` is ``chunk`` (one of the two follows from the other when only one
@@ -432,10 +431,10 @@ def selective_scan_bwd(
     N = A.shape[1]
     cfg = resolve_config(
         "bwd", config, batch=batch, device=u.device, dim=dim, N=N, L=L, dtype=u.dtype,
-        device_type=u.device.type,
+        device_type=u.device.type, deterministic=deterministic,
     )  # fmt: skip
     if not deterministic and "ATOMIC_BC" not in (config or {}):
-        cfg = nondeterministic_config(cfg, dim=dim, N=N, device_type=u.device.type)
+        cfg.update(ATOMIC_BC=1, SEGMENTS=1)
     if cfg["BLOCK_G"] * cfg["BLOCK_R"] != chunk:
         given = set(config or ()) & {"BLOCK_G", "BLOCK_R"}
         if len(given) == 2:
@@ -558,14 +557,15 @@ def _bwd_launch(
     G, BL = cfg["BLOCK_G"], cfg["BLOCK_G"] * cfg["BLOCK_R"]
     bcb, bcc = layouts or (bc_layout(B, dim), bc_layout(C, dim))  # strides of the views
     dA = empty((batch, N, G, dim), f32, dev)
-    dB = dC = None
-    if atomic:  # atomics add into zeros
-        dB = torch.zeros((batch, bcb[1], N, L), dtype=f32, device=dev) if bcb[0] else None
-        dC = torch.zeros((batch, bcc[1], N, L), dtype=f32, device=dev) if bcc[0] else None
-    if dB is None:
-        dB = empty((batch, n_dblk, N, L) if bcb[0] else (batch, N, G, dim), f32, dev)
-    if dC is None:
-        dC = empty((batch, n_dblk, N, L) if bcc[0] else (batch, N, G, dim), f32, dev)
+
+    def bc_buffer(layout: tuple) -> Tensor:
+        if not layout[0]:  # fixed: per-thread partial sums
+            return empty((batch, N, G, dim), f32, dev)
+        if atomic:  # the sums themselves, added into zeros
+            return torch.zeros((batch, layout[1], N, L), dtype=f32, device=dev)
+        return empty((batch, n_dblk, N, L), f32, dev)  # per channel block
+
+    dB, dC = bc_buffer(bcb), bc_buffer(bcc)
     dD = empty((batch, BL, dim), f32, dev) if D is not None else None
     dbias = empty((batch, BL, dim), f32, dev) if delta_bias is not None else None
     selective_scan_bwd_kernel[(batch, n_dblk)](
