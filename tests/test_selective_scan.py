@@ -207,6 +207,54 @@ def test_serial_forward_large_state_takes_the_group_kernel(device, monkeypatch):
     assert torch.isfinite(out).all()
 
 
+def test_forward_default_family_and_tuned_entries(monkeypatch):
+    # the CUDA default is the serial family where the states fit; a tuned entry or an explicit
+    # config without SERIAL is a group-scan tile (entries tuned before the serial family)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU heuristic, not the interpreter's
+    entries: dict = {}
+    monkeypatch.setattr(
+        launch, "tuned_config", lambda op_, kind, dtype, dims, base, device=None: {
+            **base, **entries.get(kind, {})}
+    )  # fmt: skip
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+
+    def fwd(config=None, N=16):
+        return launch.resolve_config("fwd", config, batch=4, device=cuda, dim=2048, N=N, L=4096,
+                                     dtype=torch.bfloat16, device_type="cuda")  # fmt: skip
+
+    assert fwd()["SERIAL"] == 1
+    assert fwd(N=4 * launch.MAX_SERIAL_N + 1)["SERIAL"] == 0  # states too many for registers
+    entries["fwd"] = {"BLOCK_D": 1, "BLOCK_G": 32, "COLS": 1}
+    cfg = fwd()
+    assert cfg["SERIAL"] == 0 and cfg["BLOCK_D"] == 1 and cfg["BLOCK_G"] == 32
+    entries["fwd"] = {"SERIAL": 1, "NSPLIT": 2, "BLOCK_D": 16}
+    assert {k: fwd()[k] for k in ("SERIAL", "NSPLIT", "BLOCK_D")} == entries["fwd"]
+    entries.clear()
+    assert fwd({"BLOCK_D": 8})["SERIAL"] == 0
+    assert fwd({"SERIAL": 1, "NSPLIT": 2})["SERIAL"] == 1
+
+
+def test_default_serial_forward_falls_back_for_a_misfit_chunk(device, monkeypatch):
+    # a checkpoint chunk that is no multiple of the serial block (8 steps of fp16): the default
+    # serial forward takes the group scan, not an error; an explicit SERIAL config still errs
+    serial_default = launch.default_config
+
+    def default(kind, **kw):
+        cfg = serial_default(kind, **kw)
+        if kind == "fwd" and kw.get("serial", True):
+            cfg = {**cfg, "SERIAL": 1, "BLOCK_D": 32}
+        return cfg
+
+    monkeypatch.setattr(launch, "default_config", default)
+    x = op.make_inputs(1, 5, 13, 4, device=device, seed=3, dtype=torch.float16)
+    args = [x[n] for n in op._TENSORS]
+    out, last, ckpt = launch.selective_scan_fwd(*args, True, 4, True)
+    assert ckpt.shape[1] == 4 and torch.isfinite(ckpt).all()
+    _assert_forward_matches_reference(x, out, last, "misfit chunk")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        launch.selective_scan_fwd(*args, True, 4, True, config={"SERIAL": 1})
+
+
 def _assert_forward_matches_reference(x, out, last, case):
     """``out`` / ``last`` against the float64 reference forward of inputs ``x``."""
     np_in = {n: to_numpy(x[n]) for n in op._TENSORS if x[n] is not None}

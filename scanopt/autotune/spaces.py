@@ -537,6 +537,10 @@ def _scan_bwd_scratch_ok(block_d: int, s: Mapping[str, int], esize: int, segment
     return scratch <= max(default_scratch, 3 * esize * batch * dim * L)
 
 
+#: scanopt.ops.selective_scan.launch.MAX_SERIAL_N (spaces import no kernel module eagerly)
+_SERIAL_N = 16
+
+
 def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps], Space]:
     rows = 6 if direction == "fwd" else 16  # live [BLOCK_R] register rows per thread
     # the backward may estimate up to twice the register file: its default (2 channel-groups
@@ -550,6 +554,19 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
             c["BLOCK_D"], s, esize, c.get("SEGMENTS", 1)
         ):
             return False
+        if direction == "fwd" and c.get("SERIAL", 0):
+            # the serial family ignores the group tile: one canonical (G, R, COLS) point, the
+            # states of a channel in registers, and BLOCK_D filling the warps exactly (the
+            # launcher caps it there: a larger one is the same kernel)
+            nsplit = c["NSPLIT"]
+            return (
+                (c["BLOCK_G"], c["BLOCK_R"], c["COLS"]) == (2, 4, 1)
+                and -(-s["N"] // nsplit) <= _SERIAL_N
+                and c["BLOCK_D"] * nsplit == 32 * c["num_warps"]
+                and (not p.is_cuda or fits_threads(c["num_warps"], p))
+            )
+        if direction == "fwd" and c.get("NSPLIT", 4) != 4:
+            return False  # the group scan ignores NSPLIT: one canonical value
         if not p.is_cuda:
             return True
         nw, G = c["num_warps"], c["BLOCK_G"]
@@ -568,6 +585,9 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
                 "num_warps": (1, 2, 4), "num_stages": (1,), "PREFETCH": (0, 1)}  # fmt: skip
         if direction == "fwd":
             keys["COLS"] = (1, 2)  # state columns in flight per thread
+            # the serial family (states on NSPLIT lanes, steps one by one) or the group scan
+            keys["SERIAL"] = (0, 1)
+            keys["NSPLIT"] = (1, 2, 4, 8)
         else:  # launches per backward: bounds the variable-B/C partial sums of small BLOCK_D
             keys["SEGMENTS"] = (1, 2, 4, 8)
         esize = _dtype(dtype).itemsize

@@ -72,6 +72,7 @@ def default_config(
     dtype=torch.bfloat16,
     device_type: str = "cuda",
     deterministic: bool = True,
+    serial: bool = True,
 ) -> dict:
     """Heuristic launch config of one kernel (``kind``: ``fwd``, ``bwd`` or ``update``).
 
@@ -98,6 +99,12 @@ def default_config(
       Measured (H100, anchor shape, L = 4096): the forward default with ``COLS=2, PREFETCH=1``
       runs 0.676 ms against 1.026 with neither (1.52x); in the backward, where it adds spills,
       ``PREFETCH=1`` is 0.98-1.10x depending on the config, so the backward keeps 0.
+    - ``SERIAL`` (forward only): 1 takes the serial family (``selective_scan_fwd_serial_kernel``):
+      a channel's states on ``NSPLIT`` lanes walk the steps one by one, no group scan; ``SEG``
+      steps per segment (0: automatic), segments chained by an end-state pass and a combine
+      kernel. ``BLOCK_G``, ``BLOCK_R`` and ``COLS`` are then unused. The CUDA default when
+      ``ceil(N / NSPLIT) <= MAX_SERIAL_N`` and ``serial``; a config or tuned entry without
+      ``SERIAL`` is a group-scan tile (``resolve_config``).
     - ``num_warps``, ``num_stages``: as usual.
     """
     if kind not in CONFIG_KEYS:
@@ -119,7 +126,7 @@ def default_config(
         cfg = {"BLOCK_D": min(next_pow2(dim), 16), "BLOCK_G": 4, "BLOCK_R": 8, "num_warps": 4,
                "num_stages": 1}  # fmt: skip
         if kind == "fwd":
-            return {**cfg, "COLS": 1, "PREFETCH": 1}
+            return {**cfg, "COLS": 1, "PREFETCH": 1, "SERIAL": 0, "NSPLIT": min(4, BN), "SEG": 0}
         return {**cfg, "PREFETCH": 1, "SEGMENTS": 1}
     # 8 groups of 16 steps (128-step chunks), one channel per thread. Picked offline from the
     # SASS of the column loop (about 14 instructions per (t, d, n) in the forward with one warp
@@ -127,10 +134,19 @@ def default_config(
     # cut its per-block dB/dC partial sums, batch * dim/BLOCK_D * N * L * 4 bytes each for
     # variable B/C, eightfold). The tuner refines both per GPU.
     if kind == "fwd":
-        # two columns in flight and the next column's loads issued ahead: the forward waits on
-        # load latency, not on the FMA chain (probe sweep, H100, 2026-12-06: 1.52x)
-        return {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 2, "PREFETCH": 1,
-                "num_warps": 1, "num_stages": 1}  # fmt: skip
+        # group scan: two columns in flight and the next column's loads issued ahead; the
+        # forward waits on load latency, not on the FMA chain (probe, H100, 2026-12-06: 1.52x)
+        nsplit = min(4, BN)
+        group = {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "COLS": 2, "PREFETCH": 1,
+                 "SERIAL": 0, "NSPLIT": nsplit, "SEG": 0, "num_warps": 1, "num_stages": 1}  # fmt: skip
+        if not serial or cdiv(N, nsplit) > MAX_SERIAL_N:
+            return group
+        # serial family, 8 channels x 4 lanes per one-warp program: 0.527 ms against 0.676 for
+        # the group scan (H100, anchor shape, 4k, launch level, 2026-12-07; mamba_ssm 0.603);
+        # fwd with checkpoints + atomic bwd 2.60 against 2.67
+        # (BLOCK_G, BLOCK_R, COLS) unused: the tuner's one canonical point for the family
+        return {**group, "SERIAL": 1, "BLOCK_D": 32 // nsplit, "BLOCK_G": 2, "BLOCK_R": 4,
+                "COLS": 1}  # fmt: skip
     # backward: 4 warps rather than 8 measured 1.12x faster (H100, anchor shape, L = 4096, fwd
     # with checkpoints + bwd: 5.65 vs 6.32 ms; bench/notes/selective_scan.md). One-warp
     # programs of 4 channels were faster still (4.60 ms) but multiply the variable-B/C partial
@@ -155,11 +171,22 @@ def resolve_config(
     cfg = default_config(kind, **shape)
     if kind in ("fwd", "bwd") and device is not None and device.type == "cuda":
         dims = {"batch": batch, "dim": shape["dim"], "L": shape.get("L", 1), "N": shape["N"]}
-        cfg = tuned_config("selective_scan", kind, shape["dtype"], dims, cfg, device=device)
+        if kind == "fwd":
+            # a tuned entry without SERIAL (tuned before the serial family existed) is a
+            # group-scan tile: a -1 marker tells it from the default
+            marked = {**cfg, "SERIAL": -1}
+            got = tuned_config("selective_scan", kind, shape["dtype"], dims, marked, device=device)
+            if got["SERIAL"] == -1:
+                got["SERIAL"] = cfg["SERIAL"] if got == marked else 0
+            cfg = got
+        else:
+            cfg = tuned_config("selective_scan", kind, shape["dtype"], dims, cfg, device=device)
     if config:
         unknown = set(config) - set(CONFIG_KEYS[kind])
         if unknown:
             raise ValueError(f"unknown selective_scan {kind} config keys: {sorted(unknown)}")
+        if kind == "fwd" and "SERIAL" not in config:
+            cfg["SERIAL"] = 0  # an explicit config without SERIAL names a group-scan tile
         cfg.update(config)
     for key in ("BLOCK_D", "BLOCK_G", "BLOCK_R"):
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
@@ -266,8 +293,11 @@ def selective_scan_fwd(
     )  # fmt: skip
     nsplit = serial_split(cfg, N, u.element_size())
     if cfg.get("SERIAL") and cdiv(N, nsplit) <= MAX_SERIAL_N:
-        return _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                           chunk, store_ckpt, cfg, nsplit)  # fmt: skip
+        if config or not (store_ckpt and chunk % serial_block(u.element_size())):
+            return _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                               delta_softplus, chunk, store_ckpt, cfg, nsplit)  # fmt: skip
+        # a checkpoint chunk the serial blocks do not divide: the group scan, which fits any
+        cfg = default_config("fwd", dim=dim, N=N, L=L, dtype=u.dtype, serial=False)
     if store_ckpt and not (config and {"BLOCK_G", "BLOCK_R"} <= set(config)):
         cfg = _fit_chunk(cfg, chunk)
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
