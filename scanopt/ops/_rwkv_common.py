@@ -143,7 +143,8 @@ def default_config(
       decays (fp32, ``2 * B * H * T * K * 4`` bytes) for the gradient kernel to read, instead of
       a scan, row shifts and a reduction per block inside it (WKV-6, sm_90a: 1.2 KB -> 0.4 KB of
       spills at 4 warps). WKV-6's default since 2026-12-07 (H100, bf16, B 4, H 32, K 64:
-      backward 1.24x / 1.27x faster at 4k / 16k); WKV-7's is 0 until timed.
+      backward 1.24x / 1.27x faster at 4k / 16k); WKV-7's since the eleventh session (same
+      GPU and shape, 4k: backward 7.73 -> 6.89 ms, 1.12x).
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -205,8 +206,9 @@ def default_config(
         if direction == "fwd":
             cfg["CHUNK"] = default_chunk(T, K, V)
         else:
-            # H100, 2026-12-07: WKV-6's decay pass, bwd 3.94 -> 3.17 ms (4k), 15.8 -> 12.5 (16k)
-            cfg["CARRY"], cfg["DPASS"] = 0, int(op == "wkv6")
+            # H100, 2026-12-07: the decay pass, WKV-6 bwd 3.94 -> 3.17 ms (4k), 15.8 -> 12.5
+            # (16k); WKV-7 bwd 7.73 -> 6.89 (4k, eleventh session)
+            cfg["CARRY"], cfg["DPASS"] = 0, 1
             if op == "wkv6":
                 # H100, 4k, tenth session: 32-step chunks for the backward's serial pass, bwd
                 # 3.19 -> 3.01 ms (16: 3.14, 128: 4.03); each 16-step block program carries its
