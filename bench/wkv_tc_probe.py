@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--L", default="4096", help="comma-separated lengths")
     ap.add_argument("--sweep", default="serial,block", help="comma-separated: " + ", ".join(SWEEPS))
     a = ap.parse_args()
-    configs = [c for name in a.sweep.split(",") for c in SWEEPS[name]]
+    configs = [c for name in a.sweep.split(",") if name for c in SWEEPS[name]]
     print(
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
     )
