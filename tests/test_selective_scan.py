@@ -234,6 +234,25 @@ def test_forward_default_family_and_tuned_entries(monkeypatch):
     assert fwd({"SERIAL": 1, "NSPLIT": 2})["SERIAL"] == 1
 
 
+def test_backward_modes_look_up_their_own_tuned_entries(monkeypatch):
+    # the atomic and the fixed-order backward are tuned apart: the store key carries the mode,
+    # and the training forward's checkpoint chunk follows the mode's entry
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    entries = {0: {"BLOCK_G": 4, "BLOCK_R": 8}, 1: {"BLOCK_G": 16, "BLOCK_R": 16}}
+    seen = []
+
+    def tuned(op_, kind, dtype, dims, base, device=None):
+        seen.append(dict(dims))
+        return {**base, **entries[dims["atomic"]]} if kind == "bwd" else dict(base)
+
+    monkeypatch.setattr(launch, "tuned_config", tuned)
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+    shape = dict(batch=4, dim=2048, N=16, L=4096, dtype=torch.bfloat16, device=cuda)
+    assert launch.checkpoint_chunk(**shape, deterministic=True) == 32
+    assert launch.checkpoint_chunk(**shape, deterministic=False) == 256
+    assert [d["atomic"] for d in seen] == [0, 1]
+
+
 def test_default_serial_forward_falls_back_for_a_misfit_chunk(device, monkeypatch):
     # a checkpoint chunk that is no multiple of the serial block (8 steps of fp16): the default
     # serial forward takes the group scan, not an error; an explicit SERIAL config still errs

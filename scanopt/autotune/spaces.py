@@ -550,7 +550,12 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
     reg_budget = 256 if direction == "fwd" else 512
 
     def ok(c: Config, s: Mapping[str, int], p: DeviceProps, esize: int = 2) -> bool:
-        if direction == "bwd" and not _scan_bwd_scratch_ok(
+        if direction == "bwd" and s.get("atomic", 0):
+            # atomic dB/dC sums: no partial-sum scratch to bound, and one launch (SEGMENTS
+            # exists to split that scratch)
+            if c.get("SEGMENTS", 1) != 1:
+                return False
+        elif direction == "bwd" and not _scan_bwd_scratch_ok(
             c["BLOCK_D"], s, esize, c.get("SEGMENTS", 1)
         ):
             return False
@@ -607,7 +612,7 @@ def _selective_scan() -> list[Tunable]:
             dev = "cuda" if props is None or props.is_cuda else "cpu"
             return launch.default_config(
                 direction, dim=shape["dim"], N=shape["N"], L=shape["L"], dtype=_dtype(dtype),
-                device_type=dev,
+                device_type=dev, deterministic=not shape.get("atomic", 0),
             )  # fmt: skip
 
         return fn
@@ -639,7 +644,7 @@ def _selective_scan() -> list[Tunable]:
                     return {"out": out, "last_state": last}
                 g = launch.selective_scan_bwd(
                     x["dout"], x["dlast"], *args, None, ckpt(x, chunk, config["BLOCK_R"]), True,
-                    chunk, config,
+                    chunk, config, deterministic=not shape.get("atomic", 0),
                 )  # fmt: skip
                 return {f"d{n}": g[n] for n in _SCAN_TENSORS}
 
@@ -679,22 +684,41 @@ def _selective_scan() -> list[Tunable]:
 
         return build
 
+    # the backward's two modes are two keys (``atomic``: 1 = atomic dB/dC sums, the default
+    # unless torch's deterministic mode is on; 0 = the fixed-order backward): their best tiles
+    # differ (one warp with atomics, four without; bench/notes/selective_scan.md)
+    anchor = {"batch": 4, "dim": 2048, "N": 16}
     return [
         Tunable(
             op="selective_scan",
-            direction=direction,
+            direction="fwd",
             dims=("batch", "dim", "L", "N"),
             exact=("N",),
-            space=_scan_space(direction),
-            default=default(direction),
-            make_case=make_case(direction),
-            example_shape={"batch": 4, "dim": 2048, "L": 4096, "N": 16},
-            bench_shapes=tuple({"batch": 4, "dim": 2048, "L": n, "N": 16} for n in ANCHOR_LENGTHS),
+            space=_scan_space("fwd"),
+            default=default("fwd"),
+            make_case=make_case("fwd"),
+            example_shape={**anchor, "L": 4096},
+            bench_shapes=tuple({**anchor, "L": n} for n in ANCHOR_LENGTHS),
             test_shape={"batch": 1, "dim": 24, "L": 37, "N": 4},
             requires="scanopt.ops.selective_scan.launch",
-            description=f"Mamba-1 selective scan {direction}",
-        )
-        for direction in ("fwd", "bwd")
+            description="Mamba-1 selective scan fwd",
+        ),
+        Tunable(
+            op="selective_scan",
+            direction="bwd",
+            dims=("batch", "dim", "L", "N", "atomic"),
+            exact=("N", "atomic"),
+            space=_scan_space("bwd"),
+            default=default("bwd"),
+            make_case=make_case("bwd"),
+            example_shape={**anchor, "L": 4096, "atomic": 1},
+            bench_shapes=tuple(
+                {**anchor, "L": n, "atomic": a} for a in (1, 0) for n in ANCHOR_LENGTHS
+            ),
+            test_shape={"batch": 1, "dim": 24, "L": 37, "N": 4, "atomic": 1},
+            requires="scanopt.ops.selective_scan.launch",
+            description="Mamba-1 selective scan bwd (atomic: 1 = atomic dB/dC sums, the default)",
+        ),
     ]
 
 

@@ -179,7 +179,8 @@ def resolve_config(
             if got["SERIAL"] == -1:
                 got["SERIAL"] = cfg["SERIAL"] if got == marked else 0
             cfg = got
-        else:
+        else:  # the backward's two modes are tuned apart (their best tiles differ)
+            dims["atomic"] = int(not shape.get("deterministic", True))
             cfg = tuned_config("selective_scan", kind, shape["dtype"], dims, cfg, device=device)
     if config:
         unknown = set(config) - set(CONFIG_KEYS[kind])
@@ -210,11 +211,14 @@ def resolve_config(
     return cfg
 
 
-def checkpoint_chunk(*, batch: int, dim: int, N: int, L: int, dtype, device: torch.device) -> int:
-    """Steps between two stored states (the backward's chunk) for this shape."""
+def checkpoint_chunk(
+    *, batch: int, dim: int, N: int, L: int, dtype, device: torch.device, deterministic: bool = True
+) -> int:
+    """Steps between two stored states (the backward's chunk) for this shape and backward
+    mode."""
     cfg = resolve_config(
         "bwd", None, batch=batch, device=device, dim=dim, N=N, L=L, dtype=dtype,
-        device_type=device.type,
+        device_type=device.type, deterministic=deterministic,
     )  # fmt: skip
     return cfg["BLOCK_G"] * cfg["BLOCK_R"]
 

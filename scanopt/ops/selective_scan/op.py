@@ -470,11 +470,12 @@ def selective_scan_fn(
     batch, dim, L = u.shape
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     store_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    chunk = checkpoint_chunk(
-        batch=batch, dim=dim, N=A.shape[1], L=L, dtype=u.dtype, device=u.device
-    )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    chunk = checkpoint_chunk(
+        batch=batch, dim=dim, N=A.shape[1], L=L, dtype=u.dtype, device=u.device,
+        deterministic=bool(deterministic),
+    )  # fmt: skip
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus), chunk,
             store_ckpt, bool(deterministic))  # fmt: skip
     if eager(*args):
