@@ -569,6 +569,16 @@ def selective_scan_fwd_serial_kernel(
     B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d * 0 + lane_n * s_B_n
     C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d * 0 + lane_n * s_C_n
     out_base = out_ptr + (pid_b * dim + col_d) * L  # [BD, 1, 1]
+    # checkpoints: per state, the pointer into chunk 0 (hoisted out of the step loop), the
+    # chunk index kk and the steps left in it (a countdown: CK is a runtime value, and a
+    # division per block cost ~45 instructions; CK is a multiple of BLOCK_T)
+    ck_ptrs = ()
+    if STORE_CKPT:
+        for j in tl.static_range(NPT):
+            ck_ptrs = ck_ptrs + (ckpt_ptr + ((pid_b * n_ck) * N + j * NSPLIT + lane2) * dim
+                                 + col2,)  # fmt: skip
+    kk = t_begin // CK
+    ck_left = CK - (t_begin - kk * CK)
     # PREFETCH: the next block's loads are issued before this block's arithmetic (carried
     # through the loop in the inputs' dtypes), so a block does not wait on its own loads
     if PREFETCH:
@@ -641,14 +651,15 @@ def selective_scan_fwd_serial_kernel(
                 y = y * zq * tl.sigmoid(zq)
             tl.store(out_base + t0 + tq, y.to(out_ptr.dtype.element_ty), mask=mq)
             if STORE_CKPT:
-                # a mask, not a branch: after step (k+1)*CK - 1, or the last step (CK is a
-                # multiple of BLOCK_T, so a block lies inside one checkpoint chunk, k)
-                at_ck = (((t0 + BLOCK_T) % CK) == 0) | (t0 + BLOCK_T >= L)
-                kk = t0 // CK
+                # a mask, not a branch: after step (k+1)*CK - 1, or the last step (a block lies
+                # inside one checkpoint chunk, kk)
+                ck_left -= BLOCK_T
+                at_ck = (ck_left == 0) | (t0 + BLOCK_T >= L)
                 for j in tl.static_range(NPT):
-                    n = j * NSPLIT + lane2
-                    tl.store(ckpt_ptr + ((pid_b * n_ck + kk) * N + n) * dim + col2, h[j],
-                             mask=md2 & (n < N) & at_ck)  # fmt: skip
+                    tl.store(ck_ptrs[j] + kk * (N * dim), h[j],
+                             mask=md2 & (j * NSPLIT + lane2 < N) & at_ck)  # fmt: skip
+                kk = tl.where(ck_left == 0, kk + 1, kk)
+                ck_left = tl.where(ck_left == 0, CK, ck_left)
     if PASS == 1:
         row = pid_b * tl.num_programs(1) + pid_s
         for j in tl.static_range(NPT):
