@@ -68,10 +68,18 @@ def _inspect(kernel, arch: str) -> tuple[str, str, int]:
         sass = subprocess.run(
             [os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True
         ).stdout
+    if os.environ.get("SASS_CHECK_DUMP"):
+        with open(os.path.join(os.environ["SASS_CHECK_DUMP"], "last.sass"), "a") as f:
+            f.write(sass)
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
     ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     mix = {op: sum(o == op for o in ops) for op in ("BAR", "STS", "STSM", "LDS", "SHFL", "LDG", "MUFU", "REDG", "ATOMG")}
+    # the largest loop: a branch back to an earlier address, (branch - target) / 16 instructions
+    loops = [(int(a, 16) - int(t, 16)) // 16
+             for a, t in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)", sass)
+             if int(t, 16) < int(a, 16) - 16]  # fmt: skip
+    mix["LOOP"] = max(loops, default=0)
     return (
         regs.group(1) if regs else "?",
         spills.group(1) if spills else "?",
