@@ -26,7 +26,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     ),
     "SCANOPT_GIT_SHA": (
         "",
-        "the git sha recorded in benchmark rows when the tree has no .git (a copy on a remote GPU)",
+        "the git sha recorded in benchmark rows instead of the checkout's (a copy on a remote GPU)",
     ),
     "SCANOPT_CACHE_DIR": (
         "~/.cache/scanopt",

@@ -732,9 +732,11 @@ def test_bench_command_on_gpu(tmp_path, monkeypatch, capsys):
     assert [(r["direction"], r["verified"]) for r in rows] == [("fwd", OK)]
 
 
-def test_git_sha_dirty_ignores_bench_rows(tmp_path):
+def test_git_sha_dirty_ignores_bench_rows(tmp_path, monkeypatch):
     # a bench run that saved rows must not mark the next row's code as dirty; code changes must
     import subprocess
+
+    monkeypatch.delenv("SCANOPT_GIT_SHA", raising=False)
 
     from scanopt.bench.results import git_sha
 
@@ -755,6 +757,9 @@ def test_git_sha_dirty_ignores_bench_rows(tmp_path):
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_sha(cwd=tmp_path) == clean + "+dirty"
     assert git_sha(cwd=tmp_path / "bench") == clean + "+dirty"  # the whole tree counts
+    # a copy whose .git is not its tree's (a remote GPU): the variable names the code
+    monkeypatch.setenv("SCANOPT_GIT_SHA", "abc1234")
+    assert git_sha(cwd=tmp_path) == "abc1234"
 
 
 def test_git_sha_falls_back_to_env_outside_a_checkout(tmp_path, monkeypatch):

@@ -116,11 +116,13 @@ def gpu_slug(name: str) -> str:
 
 
 def git_sha(cwd: str | os.PathLike | None = None) -> str:
-    """Short sha of the checkout in ``cwd`` (``+dirty`` with local changes outside
-    ``bench/results/``: the rows a bench run writes do not make the code it measures dirty),
-    else ``SCANOPT_GIT_SHA`` (for copies of a tree without ``.git``, e.g. on a remote GPU), else
-    ``""``."""
+    """``SCANOPT_GIT_SHA`` when set (a copy of a tree on a remote GPU, whose ``.git``, if any,
+    may not be the tree's), else the short sha of the checkout in ``cwd`` (``+dirty`` with
+    local changes outside ``bench/results/``: the rows a bench run writes do not make the code
+    it measures dirty), else ``""``."""
     fallback = os.environ.get("SCANOPT_GIT_SHA", "")
+    if fallback:
+        return fallback
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
