@@ -420,6 +420,59 @@ def test_atomic_backward_matches_deterministic(device, bk, ck, mode):
     _assert_backward_matches_reference(x, atom, f"bwd ATOMIC_BC={mode} {bk}/{ck}")
 
 
+@pytest.mark.parametrize(
+    "bk,ck,h0,N,nsplit,L,dtype",
+    [("variable", "variable", True, 4, 4, 45, torch.float32),
+     ("grouped", "fixed", False, 5, 2, 37, torch.float32),
+     ("fixed", "grouped", True, 16, 4, 70, torch.float16),
+     ("fixed", "fixed", True, 3, 1, 33, torch.float32)],
+)  # fmt: skip
+def test_serial_backward_matches_group_kernel(device, bk, ck, h0, N, nsplit, L, dtype):
+    # SERIAL=1 backward: a channel's states on NSPLIT lanes walk each 16-step checkpoint chunk's
+    # blocks last to first. The same gradients as the group kernel up to summation order (its
+    # variable dB/dC by atomics), and the reference's; several channel blocks per group, a short
+    # last chunk and block, padded state lanes (N not a multiple of NSPLIT)
+    x = op.make_inputs(2, 6, L, N, device=device, B_kind=bk, C_kind=ck, groups=2,
+                       initial_state=h0, seed=N + L, dtype=dtype)  # fmt: skip
+    args = [x[n] for n in op._TENSORS]
+    _, _, ckpt = launch.selective_scan_fwd(
+        *args, True, 16, True, config={"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
+    )
+    group = launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
+                                      config={"BLOCK_D": 2, "BLOCK_R": 8})  # fmt: skip
+    spy = mock.Mock(wraps=launch._bwd_serial)
+    with mock.patch.object(launch, "_bwd_serial", spy):
+        serial = launch.selective_scan_bwd(
+            x["dout"], x["dlast"], *args, ckpt, True, 16, deterministic=False,
+            config={"SERIAL": 1, "NSPLIT": nsplit, "BLOCK_D": 4, "BLOCK_R": 8},
+        )  # fmt: skip
+    assert spy.call_count == 1
+    for name, a in group.items():
+        b = serial[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert b.shape == a.shape and torch.isfinite(b).all(), name
+        tol = 2e-3 if dtype == torch.float16 and name in ("u", "delta", "z") else 1e-4
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol,
+                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+    _assert_backward_matches_reference(x, serial, f"serial bwd {bk}/{ck} N {N}")
+
+
+def test_serial_backward_keeps_determinism(device):
+    # deterministic=True with variable B/C: the serial backward's atomics are not allowed, the
+    # group kernel runs (fixed B/C have no atomics: the serial one may run)
+    x = op.make_inputs(1, 4, 20, 4, device=device, B_kind="variable", C_kind="fixed", seed=1)
+    args = [x[n] for n in op._TENSORS]
+    _, _, ckpt = launch.selective_scan_fwd(
+        *args, True, 16, True, config={"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
+    )
+    with mock.patch.object(launch, "_bwd_serial",
+                           mock.Mock(side_effect=AssertionError("serial backward"))):  # fmt: skip
+        launch.selective_scan_bwd(x["dout"], x["dlast"], *args, ckpt, True, 16,
+                                  config={"SERIAL": 1, "BLOCK_R": 8})  # fmt: skip
+
+
 @pytest.mark.parametrize("use_op", [False, True])
 def test_public_nondeterministic_backward(device, use_op):
     # deterministic=False reaches the backward through autograd (eager Function or the custom

@@ -1059,6 +1059,328 @@ def selective_scan_bwd_kernel(
 
 
 @triton.jit
+def _serial_bcast(q, u3, BLOCK_D: tl.constexpr, NSPLIT: tl.constexpr, T2: tl.constexpr,
+                  T: tl.constexpr):  # fmt: skip
+    """A per-(t, d) value held one (t, d) per lane ([BD, NS, T2]) broadcast to every lane of its
+    channel as the block's T rows ([BD, NS, T], the layout of ``u3``). The unit-axis max keeps
+    Triton from moving the broadcast back through the producer (see the forward)."""
+    q = tl.max(tl.reshape(q, [BLOCK_D, NSPLIT, T2, 1]), axis=3)
+    return u3 * 0.0 + tl.reshape(q, [BLOCK_D, T])[:, None, :]
+
+
+@triton.jit
+def selective_scan_bwd_serial_kernel(
+    dout_ptr, dlast_ptr, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    h0_ptr, ckpt_ptr, scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dh0_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
+    dim, L, n_ck, CK, cpg_b, cpg_c, n_groups_b, n_groups_c,
+    s_do_b, s_do_d, s_do_l, s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l,
+    s_A_d, s_A_n, s_B_b, s_B_g, s_B_n, s_B_l, s_C_b, s_C_g, s_C_n, s_C_l, s_D, s_bias,
+    s_h0_b, s_h0_d, s_h0_n, s_dl_b, s_dl_d, s_dl_n,
+    N: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
+    B_VAR: tl.constexpr,
+    C_VAR: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Serial backward: a channel's N states on NSPLIT lanes (NPT each), the steps walked one by
+    one, no group scans. Grid: (cdiv(dim, BLOCK_D), batch); one program walks its channels'
+    whole sequence, checkpoint chunk by chunk (CK steps, a multiple of BLOCK_T), last first.
+
+    Per chunk: a forward walk from the chunk's checkpoint writes each BLOCK_T-step block's
+    start state to the program's ``scratch`` slots; then, block by block from the last, each
+    state's forward walk over the block (its BLOCK_T states in registers) and its adjoint walk
+    back. Outputs: du, ddelta, dz (batch, dim, L) in their dtypes; fp32 dh0 (batch, N, dim),
+    dA (batch, N, dim), dD and dbias (batch, dim) per batch row; dB / dC variable: atomically
+    added into zeroed (batch, groups, N, L) sums; fixed: (batch, N, dim) per batch row.
+    """
+    NPT: tl.constexpr = (N + NSPLIT - 1) // NSPLIT  # states per lane
+    T2: tl.constexpr = BLOCK_T // NSPLIT  # steps per lane with one (t, d) each
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
+    n_dblk = tl.num_programs(0)
+    d0 = pid_d * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
+    lane_n = tl.arange(0, NSPLIT)[None, :, None]  # [1, NS, 1]
+    col_d = offs_d[:, None, None]  # [BD, 1, 1]
+    md = col_d < dim
+    t3 = tl.arange(0, BLOCK_T)[None, None, :]  # [1, 1, T]
+    tq = lane_n * T2 + tl.arange(0, T2)[None, None, :]  # [1, NS, T2]
+    lane2 = tl.arange(0, NSPLIT)[None, :]  # [1, NS]
+    col2 = offs_d[:, None]  # [BD, 1]
+    md2 = col2 < dim
+
+    u_base = u_ptr + pid_b * s_u_b + col_d * s_u_d + lane_n * 0  # [BD, NS, 1]
+    zero = _serial_rows(u_base + t3 * 0, md & (t3 < 0), NSPLIT, BLOCK_T)[0]  # [BD, NS] zeros
+    dt_base = delta_ptr + pid_b * s_dt_b + col_d * s_dt_d
+    do_base = dout_ptr + pid_b * s_do_b + col_d * s_do_d
+    z_base = z_ptr + pid_b * s_z_b + col_d * s_z_d
+    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d * 0 + lane_n * s_B_n
+    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d * 0 + lane_n * s_C_n
+    io_base = (pid_b * dim + col_d) * L  # [BD, 1, 1] into the (batch, dim, L) gradients
+
+    # per channel and state ([BD, NS] each): A (natural and log2 units), fixed B / C, the
+    # adjoint after the last step, the dA / fixed dB / dC sums
+    A1 = ()
+    A2 = ()
+    Bf = ()
+    Cf = ()
+    g = ()
+    dA_acc = ()
+    dBf = ()
+    dCf = ()
+    for j in tl.static_range(NPT):
+        n = j * NSPLIT + lane2
+        mn = md2 & (n < N)
+        a_nat = zero + tl.load(A_ptr + col2 * s_A_d + n * s_A_n, mask=mn, other=0.0)
+        A1 = A1 + (a_nat,)
+        A2 = A2 + (a_nat * LOG2E,)
+        if not B_VAR:
+            Bf = Bf + (zero + tl.load(B_ptr + col2 * s_B_g + n * s_B_n, mask=mn, other=0.0).to(
+                tl.float32),)  # fmt: skip
+        if not C_VAR:
+            Cf = Cf + (zero + tl.load(C_ptr + col2 * s_C_g + n * s_C_n, mask=mn, other=0.0).to(
+                tl.float32),)  # fmt: skip
+        if HAS_DLAST:
+            g = g + (zero + tl.load(dlast_ptr + pid_b * s_dl_b + col2 * s_dl_d + n * s_dl_n,
+                                    mask=mn, other=0.0).to(tl.float32),)  # fmt: skip
+        else:
+            g = g + (zero,)
+        dA_acc = dA_acc + (zero,)
+        dBf = dBf + (zero,)
+        dCf = dCf + (zero,)
+    bias = tl.zeros([BLOCK_D, 1, 1], dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + col_d * s_bias, mask=md, other=0.0).to(tl.float32)
+    Dq = tl.zeros([BLOCK_D, 1, 1], dtype=tl.float32)
+    if HAS_D:
+        Dq += tl.load(D_ptr + col_d * s_D, mask=md, other=0.0).to(tl.float32)
+    dD_acc = tl.zeros([BLOCK_D, NSPLIT, T2], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D, NSPLIT, T2], dtype=tl.float32)
+
+    NB_CK = CK // BLOCK_T  # blocks per checkpoint chunk (runtime)
+    # this program's scratch slots: [NB_CK, NPT, BD * NS] fp32, one element per lane
+    slots = scratch_ptr + (pid_b * n_dblk + pid_d) * NB_CK * (NPT * BLOCK_D * NSPLIT) + (
+        (col2 - d0) * NSPLIT + lane2)  # fmt: skip
+    for i_c in range(0, n_ck):
+        c = n_ck - 1 - i_c
+        t_lo = c * CK
+        t_hi = tl.minimum(t_lo + CK, L)
+        # the state before the chunk: checkpoint c - 1, the initial state, or zeros
+        x = ()
+        for j in tl.static_range(NPT):
+            n = j * NSPLIT + lane2
+            mn = md2 & (n < N)
+            xc = zero + tl.load(ckpt_ptr + ((pid_b * n_ck + c - 1) * N + n) * dim + col2,
+                                mask=mn & (c > 0), other=0.0)  # fmt: skip
+            if HAS_H0:
+                h0n = tl.load(h0_ptr + pid_b * s_h0_b + col2 * s_h0_d + n * s_h0_n,
+                              mask=mn & (c == 0), other=0.0).to(tl.float32)  # fmt: skip
+                xc = tl.where(c == 0, h0n, xc)
+            x = x + (xc,)
+        # walk 1: each block's start state into the scratch slots
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            i = (t0 - t_lo) // BLOCK_T
+            for j in tl.static_range(NPT):
+                tl.store(slots + (i * NPT + j) * (BLOCK_D * NSPLIT), x[j])
+            mq = md & (t0 + tq < t_hi)
+            dt_q = tl.load(dt_base + (t0 + tq) * s_dt_l, mask=mq, other=0.0).to(tl.float32) + bias
+            if SOFTPLUS:
+                dt_q = _softplus(dt_q)
+            dt_q = tl.where(mq, dt_q, 0.0)
+            u3 = tl.load(u_base + (t0 + t3) * s_u_l, mask=md & (t0 + t3 < t_hi),
+                         other=0.0).to(tl.float32)  # fmt: skip
+            dt3 = _serial_bcast(dt_q, u3, BLOCK_D, NSPLIT, T2, BLOCK_T)
+            dt_r = _rows(dt3, BLOCK_T)
+            dtu_r = _rows(dt3 * u3, BLOCK_T)
+            new_x = ()
+            for j in tl.static_range(NPT):
+                if B_VAR:
+                    Bj = _rows(tl.load(B_base + j * NSPLIT * s_B_n + (t0 + t3) * s_B_l,
+                                       mask=(col_d >= 0) & (t0 + t3 < t_hi)
+                                       & (j * NSPLIT + lane_n < N), other=0.0).to(tl.float32),
+                               BLOCK_T)  # fmt: skip
+                xj = x[j]
+                for t in tl.static_range(BLOCK_T):
+                    if B_VAR:
+                        inp = dtu_r[t] * Bj[t]
+                    else:
+                        inp = dtu_r[t] * Bf[j]
+                    xj = tl.exp2(dt_r[t] * A2[j]) * xj + inp
+                new_x = new_x + (xj,)
+            x = new_x
+        # walk 2: the blocks last to first
+        n_blk = (t_hi - t_lo + BLOCK_T - 1) // BLOCK_T
+        for ii in range(0, n_blk):
+            i = n_blk - 1 - ii
+            t0 = t_lo + i * BLOCK_T
+            mq = md & (t0 + tq < L)  # [BD, NS, T2]: one (t, d) per lane
+            m3 = md & (t0 + t3 < L)  # [BD, 1, T]
+            pre_q = tl.load(dt_base + (t0 + tq) * s_dt_l, mask=mq, other=0.0).to(tl.float32)
+            pre_q += bias
+            dt_q = pre_q
+            if SOFTPLUS:
+                dt_q = _softplus(pre_q)
+            dt_q = tl.where(mq, dt_q, 0.0)
+            dout_q = tl.load(do_base + (t0 + tq) * s_do_l, mask=mq, other=0.0).to(tl.float32)
+            u_q = tl.load(u_ptr + pid_b * s_u_b + col_d * s_u_d + (t0 + tq) * s_u_l, mask=mq,
+                          other=0.0).to(tl.float32)  # fmt: skip
+            dy_q = dout_q
+            if HAS_Z:
+                z_q = tl.load(z_base + (t0 + tq) * s_z_l, mask=mq, other=0.0).to(tl.float32)
+                sig_q = tl.sigmoid(z_q)
+                dy_q = dout_q * z_q * sig_q
+            u3 = tl.load(u_base + (t0 + t3) * s_u_l, mask=m3, other=0.0).to(tl.float32)
+            dt3 = _serial_bcast(dt_q, u3, BLOCK_D, NSPLIT, T2, BLOCK_T)
+            dy3 = _serial_bcast(dy_q, u3, BLOCK_D, NSPLIT, T2, BLOCK_T)
+            dt_r = _rows(dt3, BLOCK_T)
+            u_r = _rows(u3, BLOCK_T)
+            dy_r = _rows(dy3, BLOCK_T)
+            dtu_r = _rows(dt3 * u3, BLOCK_T)
+            du_r = ()
+            ddt_r = ()
+            y_r = ()
+            for _t in tl.static_range(BLOCK_T):
+                du_r = du_r + (zero,)
+                ddt_r = ddt_r + (zero,)
+                y_r = y_r + (zero,)
+            new_g = ()
+            new_dA = ()
+            new_dBf = ()
+            new_dCf = ()
+            for j in tl.static_range(NPT):
+                mbc = (col_d >= 0) & (t0 + t3 < L) & (j * NSPLIT + lane_n < N)  # [BD, NS, T]
+                if B_VAR:
+                    Bj = _rows(tl.load(B_base + j * NSPLIT * s_B_n + (t0 + t3) * s_B_l,
+                                       mask=mbc, other=0.0).to(tl.float32), BLOCK_T)  # fmt: skip
+                if C_VAR:
+                    Cj = _rows(tl.load(C_base + j * NSPLIT * s_C_n + (t0 + t3) * s_C_l,
+                                       mask=mbc, other=0.0).to(tl.float32), BLOCK_T)  # fmt: skip
+                x_in = tl.load(slots + (i * NPT + j) * (BLOCK_D * NSPLIT))
+                # the block's states of column j, forward
+                xs = ()
+                xj = x_in
+                for t in tl.static_range(BLOCK_T):
+                    if B_VAR:
+                        inp = dtu_r[t] * Bj[t]
+                    else:
+                        inp = dtu_r[t] * Bf[j]
+                    xj = tl.exp2(dt_r[t] * A2[j]) * xj + inp
+                    xs = xs + (xj,)
+                # the adjoint, backward; the gradient terms of each step
+                gj = g[j]
+                dAj = dA_acc[j]
+                dBj = dBf[j]
+                dCj = dCf[j]
+                pB = ()
+                pC = ()
+                new_du = ()
+                new_ddt = ()
+                new_y = ()
+                for t in tl.static_range(BLOCK_T - 1, -1, -1):
+                    if C_VAR:
+                        Ct = Cj[t]
+                    else:
+                        Ct = Cf[j]
+                    if B_VAR:
+                        Bt = Bj[t]
+                    else:
+                        Bt = Bf[j]
+                    gj = gj + dy_r[t] * Ct  # dLoss/dx_t
+                    if t > 0:
+                        x_prev = xs[t - 1]
+                    else:
+                        x_prev = x_in
+                    ga = gj * tl.exp2(dt_r[t] * A2[j])  # dLoss/dx_{t-1} through step t
+                    gax = ga * x_prev
+                    dAj += gax * dt_r[t]
+                    gB = gj * Bt
+                    new_du = (du_r[t] + gB * dt_r[t],) + new_du
+                    new_ddt = (ddt_r[t] + gB * u_r[t] + gax * A1[j],) + new_ddt
+                    if HAS_Z:
+                        new_y = (y_r[t] + xs[t] * Ct,) + new_y
+                    if B_VAR:
+                        pB = (gj * dtu_r[t],) + pB
+                    else:
+                        dBj += gj * dtu_r[t]
+                    if C_VAR:
+                        pC = (xs[t] * dy_r[t],) + pC
+                    else:
+                        dCj += xs[t] * dy_r[t]
+                    gj = ga
+                du_r = new_du
+                ddt_r = new_ddt
+                if HAS_Z:
+                    y_r = new_y
+                new_g = new_g + (gj,)
+                new_dA = new_dA + (dAj,)
+                new_dBf = new_dBf + (dBj,)
+                new_dCf = new_dCf + (dCj,)
+                # variable B / C: the program's channel sum of column j's terms, added
+                tn = (j * NSPLIT + tl.arange(0, NSPLIT))[:, None]  # [NS, 1]
+                tl2 = t0 + tl.arange(0, BLOCK_T)[None, :]  # [1, T]
+                m_nt = (tn < N) & (tl2 < L)
+                if B_VAR:
+                    part = tl.sum(_join_rows(pB, BLOCK_T), axis=0)  # [NS, T]
+                    grp = pid_b * n_groups_b + d0 // cpg_b
+                    tl.atomic_add(dB_ptr + (grp * N + tn) * L + tl2, part, mask=m_nt,
+                                  sem="relaxed")  # fmt: skip
+                if C_VAR:
+                    part = tl.sum(_join_rows(pC, BLOCK_T), axis=0)  # [NS, T]
+                    grp = pid_b * n_groups_c + d0 // cpg_c
+                    tl.atomic_add(dC_ptr + (grp * N + tn) * L + tl2, part, mask=m_nt,
+                                  sem="relaxed")  # fmt: skip
+            g = new_g
+            dA_acc = new_dA
+            dBf = new_dBf
+            dCf = new_dCf
+            # per (t, d): the sums over the states (the lanes), back to one (t, d) per lane
+            du_q = tl.reshape(tl.sum(_join_rows(du_r, BLOCK_T), axis=1), [BLOCK_D, NSPLIT, T2])
+            ddt_q = tl.reshape(tl.sum(_join_rows(ddt_r, BLOCK_T), axis=1),
+                               [BLOCK_D, NSPLIT, T2])  # fmt: skip
+            if HAS_D:
+                du_q += Dq * dy_q
+                dD_acc += tl.where(mq, dy_q * u_q, 0.0)
+            if HAS_Z:
+                y_q = tl.reshape(tl.sum(_join_rows(y_r, BLOCK_T), axis=1), [BLOCK_D, NSPLIT, T2])
+                y_q += Dq * u_q
+                dz_q = dout_q * y_q * sig_q * (1.0 + z_q * (1.0 - sig_q))
+                tl.store(dz_ptr + io_base + t0 + tq, dz_q.to(dz_ptr.dtype.element_ty), mask=mq)
+            if SOFTPLUS:
+                ddt_q = ddt_q * _softplus_grad(pre_q)
+            ddt_q = tl.where(mq, ddt_q, 0.0)
+            dbias_acc += ddt_q
+            tl.store(du_ptr + io_base + t0 + tq, du_q.to(du_ptr.dtype.element_ty), mask=mq)
+            tl.store(ddelta_ptr + io_base + t0 + tq, ddt_q.to(ddelta_ptr.dtype.element_ty),
+                     mask=mq)  # fmt: skip
+    # per batch row: the state sums and the adjoint before step 0
+    for j in tl.static_range(NPT):
+        n = j * NSPLIT + lane2
+        mn = md2 & (n < N)
+        off = (pid_b * N + n) * dim + col2
+        tl.store(dh0_ptr + off, g[j], mask=mn)
+        tl.store(dA_ptr + off, dA_acc[j], mask=mn)
+        if not B_VAR:
+            tl.store(dB_ptr + off, dBf[j], mask=mn)
+        if not C_VAR:
+            tl.store(dC_ptr + off, dCf[j], mask=mn)
+    lane0 = (lane_n == 0) & md  # [BD, NS, 1]
+    if HAS_D:
+        dD = tl.sum(tl.sum(dD_acc, axis=2, keep_dims=True), axis=1, keep_dims=True)
+        tl.store(dD_ptr + pid_b * dim + col_d + lane_n * 0, dD + lane_n * 0.0, mask=lane0)
+    if HAS_BIAS:
+        db = tl.sum(tl.sum(dbias_acc, axis=2, keep_dims=True), axis=1, keep_dims=True)
+        tl.store(dbias_ptr + pid_b * dim + col_d + lane_n * 0, db + lane_n * 0.0, mask=lane0)
+
+
+@triton.jit
 def selective_state_update_kernel(
     state_ptr,
     x_ptr,

@@ -37,6 +37,8 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
         "PREFETCH",
         "SEGMENTS",
         "ATOMIC_BC",
+        "SERIAL",
+        "NSPLIT",
         "num_warps",
         "num_stages",
     ),
@@ -452,7 +454,9 @@ def selective_scan_bwd(
 
     ``deterministic=False`` sums variable/grouped dB/dC by atomics (``ATOMIC_BC=1``, one launch)
     on the heuristic default's one-warp tile or a tuned tile; an explicit ``config`` key
-    ``ATOMIC_BC`` wins either way.
+    ``ATOMIC_BC`` wins either way. ``SERIAL=1`` (opt-in, untimed) takes the serial backward
+    (``_bwd_serial``) where the states fit and the chunk is a multiple of its block; with
+    variable B/C only when ``deterministic`` is False (its dB/dC sums are atomic).
 
     ``ckpt`` must come from :func:`selective_scan_fwd` with the same ``chunk``; the backward's
     chunk ``BLOCK_G * BLOCK_R`` is ``chunk`` (one of the two follows from the other when only one
@@ -486,6 +490,13 @@ def selective_scan_bwd(
     if tuple(ckpt.shape) != (batch, n_ck, N, dim):
         raise ValueError(f"ckpt must have shape {(batch, n_ck, N, dim)}, got {tuple(ckpt.shape)}")
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
+    if cfg.get("SERIAL"):
+        nsplit = serial_split(cfg, N, u.element_size())
+        # variable B/C are summed over channels by atomics: only where those are allowed
+        fits = cdiv(N, nsplit) <= MAX_SERIAL_N and chunk % serial_block(u.element_size()) == 0
+        if fits and (not deterministic or not (bcb[0] or bcc[0])):
+            return _bwd_serial(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state,
+                               ckpt, delta_softplus, chunk, cfg, nsplit, bcb, bcc)  # fmt: skip
     BD = _group_aligned_block(cfg["BLOCK_D"], dim, bcb, bcc)
     n_dblk = cdiv(dim, BD)
     dev = u.device
@@ -567,6 +578,68 @@ def selective_scan_bwd(
         "z": dz,
         "delta_bias": sums.get("delta_bias"),
         "initial_state": adj.transpose(1, 2).contiguous() if initial_state is not None else None,
+    }
+
+
+def _bwd_serial(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt,
+                delta_softplus, chunk, cfg, nsplit, bcb, bcc):  # fmt: skip
+    """The serial backward (``SERIAL=1``, ``kernels.selective_scan_bwd_serial_kernel``): one
+    launch, variable dB/dC summed by atomics (not bit-reproducible), the rest in a fixed order.
+    Same return as :func:`selective_scan_bwd`."""
+    from scanopt.ops.selective_scan.kernels import selective_scan_bwd_serial_kernel
+
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    dev = u.device
+    f32 = torch.float32
+    block_t = serial_block(u.element_size())
+    BD = _group_aligned_block(
+        min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit)), dim, bcb, bcc
+    )
+    n_dblk = cdiv(dim, BD)
+    n_ck = cdiv(L, chunk)
+    npt = cdiv(N, nsplit)
+    du = empty((batch, dim, L), u.dtype, dev)
+    ddelta = empty((batch, dim, L), delta.dtype, dev)
+    dz = empty((batch, dim, L), z.dtype, dev) if z is not None else None
+    dh0 = empty((batch, N, dim), f32, dev)
+    dA = empty((batch, N, dim), f32, dev)
+
+    def bc_buffer(layout: tuple) -> Tensor:
+        if layout[0]:  # the sums themselves, added into zeros
+            return torch.zeros((batch, layout[1], N, L), dtype=f32, device=dev)
+        return empty((batch, N, dim), f32, dev)  # per batch row
+
+    dB, dC = bc_buffer(bcb), bc_buffer(bcc)
+    dD = empty((batch, dim), f32, dev) if D is not None else None
+    dbias = empty((batch, dim), f32, dev) if delta_bias is not None else None
+    # each program's block start states for one checkpoint chunk (written and read back by it)
+    scratch = empty((batch, n_dblk, chunk // block_t, npt, BD * nsplit), f32, dev)
+    ckpt = ckpt.contiguous()
+    selective_scan_bwd_serial_kernel[(n_dblk, batch)](
+        dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, scratch,
+        du, ddelta, dz, dh0, dA, dB, dC, dD, dbias,
+        dim, L, n_ck, chunk, bcb[2], bcc[2], bcb[1], bcc[1],
+        *dout.stride(), *u.stride(), *delta.stride(), *_opt_strides(z, 3),
+        *A.stride(), *bcb[3], *bcc[3],
+        D.stride(0) if D is not None else 0,
+        delta_bias.stride(0) if delta_bias is not None else 0,
+        *_opt_strides(initial_state, 3), *_opt_strides(dlast, 3),
+        N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
+        HAS_DLAST=dlast is not None, B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD, NSPLIT=nsplit,
+        BLOCK_T=block_t, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return {
+        "u": du,
+        "delta": ddelta,
+        "A": dA.sum(0).t().contiguous(),
+        "B": dB.view(B.shape) if bcb[0] else dB.sum(0).t().contiguous(),
+        "C": dC.view(C.shape) if bcc[0] else dC.sum(0).t().contiguous(),
+        "D": dD.sum(0) if dD is not None else None,
+        "z": dz,
+        "delta_bias": dbias.sum(0) if dbias is not None else None,
+        "initial_state": dh0.transpose(1, 2).contiguous() if initial_state is not None else None,
     }
 
 
