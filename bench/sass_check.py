@@ -159,7 +159,9 @@ def _selective_scan(cfg: dict, L: int, dtype: torch.dtype) -> None:
     _, _, ckpt = launch.selective_scan_fwd(*args, None, True, chunk, cb is not None,
                                            cfg.get("fwd"))  # fmt: skip
     if cb:
-        launch.selective_scan_bwd(x["dout"], None, *args, None, ckpt, True, chunk, cb)
+        # the atomic and serial backwards run in non-deterministic mode only
+        launch.selective_scan_bwd(x["dout"], None, *args, None, ckpt, True, chunk, cb,
+                                  deterministic=not (cb.get("SERIAL") or cb.get("ATOMIC_BC")))
 
 
 if __name__ == "__main__":

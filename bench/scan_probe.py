@@ -40,8 +40,10 @@ FWD_SWEEP = [
 ]  # fmt: skip  # the first five are the --quick sweep
 # training pairs timed in --quick too: (forward config, backward sweep tuple)
 PAIR_SWEEP = [
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (32, 8, 16, 4)),
     ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (4, 8, 16, 1, 0, 1, 1)),
+    # the serial backward (8 channels x 4 state lanes per warp, 128-step checkpoint chunks)
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (8, 8, 16, 1, 0, 1, 1, 1)),
+    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (32, 8, 16, 4)),
     ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (1, 32, 4, 1, 0, 1, 1)),
 ]
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
@@ -68,12 +70,15 @@ def cfg_of(t):
 
 
 def bwd_cfg_of(t):
-    """A backward sweep tuple (BD, G, R, warps[, PREFETCH[, SEGMENTS[, ATOMIC_BC]]]) as a
-    launch config (ATOMIC_BC > 0: the non-deterministic backward)."""
+    """A backward sweep tuple (BD, G, R, warps[, PREFETCH[, SEGMENTS[, ATOMIC_BC[, SERIAL]]]])
+    as a launch config (ATOMIC_BC > 0 or SERIAL 1: the non-deterministic backward; SERIAL 1:
+    the serial family, NSPLIT 4, its chunk G * R)."""
     cfg = {"BLOCK_D": t[0], "BLOCK_G": t[1], "BLOCK_R": t[2], "num_warps": t[3], "num_stages": 1}
     cfg["PREFETCH"] = t[4] if len(t) > 4 else 0
     cfg["SEGMENTS"] = t[5] if len(t) > 5 else 1
     cfg["ATOMIC_BC"] = t[6] if len(t) > 6 else 0
+    if len(t) > 7:
+        cfg["SERIAL"], cfg["NSPLIT"] = t[7], 4
     return cfg
 
 
@@ -98,7 +103,8 @@ def train_launch(x, bcfg, fcfg=None):
     args = [x[n] for n in NAMES]
     chunk = bcfg["BLOCK_G"] * bcfg["BLOCK_R"]
     out, last, ck = launch.selective_scan_fwd(*args, None, True, chunk, True, fcfg)
-    g = launch.selective_scan_bwd(x["dout"], None, *args, None, ck, True, chunk, bcfg)
+    g = launch.selective_scan_bwd(x["dout"], None, *args, None, ck, True, chunk, bcfg,
+                                  deterministic=not (bcfg.get("ATOMIC_BC") or bcfg.get("SERIAL")))
     return out, g
 
 
