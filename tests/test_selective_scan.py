@@ -968,6 +968,27 @@ def test_gpu_deterministic_anchor_width():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bk,ck", [("variable", "variable"), ("grouped", "fixed")])
+def test_gpu_serial_backward_bf16(monkeypatch, bk, ck):
+    # the public op with the serial backward (opt-in SERIAL=1, non-deterministic mode) at 4k
+    # in bf16: verified like every other case (float64 reference, same-dtype PyTorch baseline)
+    x = op.make_inputs(2, 256, 4096, 16, dtype=torch.bfloat16, device="cuda", seed=5,
+                       B_kind=bk, C_kind=ck, groups=4, initial_state=True)  # fmt: skip
+    x["deterministic"] = False
+    default = launch.default_config
+
+    def cfg(kind, **shape):
+        base = default(kind, **shape)
+        return {**base, "SERIAL": 1, "NSPLIT": 4, "BLOCK_D": 8} if kind == "bwd" else base
+
+    monkeypatch.setattr(launch, "default_config", cfg)
+    spy = mock.Mock(wraps=launch._bwd_serial)
+    monkeypatch.setattr(launch, "_bwd_serial", spy)
+    op.check_case(x, f"bf16 serial backward {bk}/{ck}").assert_ok()
+    assert spy.call_count >= 1
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tile", [(4, 8, 16, 1), (32, 8, 16, 4)])
 def test_gpu_segmented_backward_bf16(monkeypatch, tile):
     # the public op with its backward in 8 launches: the one-warp tile (the default's
