@@ -360,6 +360,13 @@ def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int, nsp
     return cdiv(seg, block_t) * block_t
 
 
+def serial_channels(cfg: dict, nsplit: int, dim: int, bcb: tuple, bcc: tuple) -> int:
+    """Channels per program of the serial families: one channel per NSPLIT lanes, so
+    ``32 * num_warps / NSPLIT`` unless ``BLOCK_D`` says fewer, inside one group of B and C."""
+    block = min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit))
+    return _group_aligned_block(block, dim, bcb, bcc)
+
+
 def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
                 store_ckpt, cfg, nsplit):  # fmt: skip
     """The serial forward family (``kernels.selective_scan_fwd_serial_kernel``); same results
@@ -378,10 +385,7 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     if store_ckpt and chunk % block_t:
         raise ValueError(f"the checkpoint chunk {chunk} must be a multiple of {block_t}")
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
-    # one channel per NSPLIT lanes: 32 / NSPLIT channels per warp unless BLOCK_D says fewer
-    BD = _group_aligned_block(
-        min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit)), dim, bcb, bcc
-    )
+    BD = serial_channels(cfg, nsplit, dim, bcb, bcc)
     seg = serial_segment(cfg, batch=batch, dim=dim, L=L, block_t=block_t, nsplit=nsplit)
     n_seg = cdiv(L, seg)
     n_ck = cdiv(L, chunk) if store_ckpt else 0
@@ -490,20 +494,21 @@ def selective_scan_bwd(
     if tuple(ckpt.shape) != (batch, n_ck, N, dim):
         raise ValueError(f"ckpt must have shape {(batch, n_ck, N, dim)}, got {tuple(ckpt.shape)}")
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
+    dev = u.device
+    f32 = torch.float32
+    du = empty((batch, dim, L), u.dtype, dev)
+    ddelta = empty((batch, dim, L), delta.dtype, dev)
+    dz = empty((batch, dim, L), z.dtype, dev) if z is not None else None
     if cfg.get("SERIAL"):
         nsplit = serial_split(cfg, N, u.element_size())
         # variable B/C are summed over channels by atomics: only where those are allowed
         fits = cdiv(N, nsplit) <= MAX_SERIAL_N and chunk % serial_block(u.element_size()) == 0
         if fits and (not deterministic or not (bcb[0] or bcc[0])):
             return _bwd_serial(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state,
-                               ckpt, delta_softplus, chunk, cfg, nsplit, bcb, bcc)  # fmt: skip
+                               ckpt, delta_softplus, chunk, cfg, nsplit, bcb, bcc, du, ddelta,
+                               dz)  # fmt: skip
     BD = _group_aligned_block(cfg["BLOCK_D"], dim, bcb, bcc)
     n_dblk = cdiv(dim, BD)
-    dev = u.device
-    f32 = torch.float32
-    du = empty((batch, dim, L), u.dtype, dev)
-    ddelta = empty((batch, dim, L), delta.dtype, dev)
-    dz = empty((batch, dim, L), z.dtype, dev) if z is not None else None
     BL = chunk
     # SEGMENTS > 1: one launch per segment of whole chunks, last segment first, each starting
     # from the checkpoint before it and the adjoint the later one left. Only the variable-B/C
@@ -582,10 +587,11 @@ def selective_scan_bwd(
 
 
 def _bwd_serial(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt,
-                delta_softplus, chunk, cfg, nsplit, bcb, bcc):  # fmt: skip
+                delta_softplus, chunk, cfg, nsplit, bcb, bcc, du, ddelta, dz):  # fmt: skip
     """The serial backward (``SERIAL=1``, ``kernels.selective_scan_bwd_serial_kernel``): one
     launch, variable dB/dC summed by atomics (not bit-reproducible), the rest in a fixed order.
-    Same return as :func:`selective_scan_bwd`."""
+    Writes ``du``, ``ddelta``, ``dz`` (allocated by the caller); same return as
+    :func:`selective_scan_bwd`."""
     from scanopt.ops.selective_scan.kernels import selective_scan_bwd_serial_kernel
 
     batch, dim, L = u.shape
@@ -593,15 +599,10 @@ def _bwd_serial(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state,
     dev = u.device
     f32 = torch.float32
     block_t = serial_block(u.element_size())
-    BD = _group_aligned_block(
-        min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit)), dim, bcb, bcc
-    )
+    BD = serial_channels(cfg, nsplit, dim, bcb, bcc)
     n_dblk = cdiv(dim, BD)
     n_ck = cdiv(L, chunk)
     npt = cdiv(N, nsplit)
-    du = empty((batch, dim, L), u.dtype, dev)
-    ddelta = empty((batch, dim, L), delta.dtype, dev)
-    dz = empty((batch, dim, L), z.dtype, dev) if z is not None else None
     dh0 = empty((batch, N, dim), f32, dev)
     dA = empty((batch, N, dim), f32, dev)
 
