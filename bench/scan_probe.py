@@ -31,20 +31,25 @@ BUDGET = 2.5e-2  # bf16 relative-L2 budget of the verify rule
 
 # forward-only configs (no checkpoints): (BLOCK_D, BLOCK_G, BLOCK_R, num_warps[, COLS[, PREFETCH]])
 FWD_SWEEP = [
-    (4, 8, 16, 1, 2, 1), (32, 1, 8, 1, 1, 0, 1, 0, 4), (32, 1, 8, 1, 1, 1, 1, 0, 4),
-    (32, 1, 8, 1, 1, 0, 1, 0, 1), (32, 1, 8, 1, 1, 1, 1, 512, 4), (32, 1, 8, 1, 1, 0, 1, 0, 2), (64, 1, 8, 2, 1, 0, 1, 0, 4),
-    (32, 1, 8, 1, 1, 0, 1, 0, 8), (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1),
-    (1, 32, 4, 1, 2, 1), (32, 1, 8, 1, 1, 0, 1, 1024, 1),
+    (4, 8, 16, 1, 2, 1), (8, 1, 8, 1, 1, 1, 1, 0, 4), (16, 1, 8, 1, 1, 1, 1, 0, 4),
+    (32, 1, 8, 1, 1, 1, 1, 0, 4), (8, 1, 8, 1, 1, 1, 1, 0, 8), (16, 1, 8, 1, 1, 1, 1, 512, 4),
+    (8, 1, 8, 1, 1, 0, 1, 0, 4), (8, 1, 8, 1, 1, 0, 1, 0, 1), (8, 1, 8, 1, 1, 1, 1, 512, 4),
+    (8, 1, 8, 1, 1, 0, 1, 0, 2), (16, 1, 8, 2, 1, 0, 1, 0, 4),
+    (1, 32, 16, 1, 1, 1), (1, 32, 8, 1, 2, 1), (1, 32, 4, 1, 2, 1),
     (1, 32, 16, 1), (4, 8, 16, 1), (2, 16, 16, 1), (2, 16, 16, 1, 1, 1), (1, 32, 8, 1, 1, 1),
     (2, 32, 16, 2, 1, 1), (1, 32, 32, 1, 1, 1),
-]  # fmt: skip  # the first five are the --quick sweep
+]  # fmt: skip  # the first six are the --quick sweep
+# serial rows: BLOCK_D above 32 * num_warps / NSPLIT puts several channels in each thread
+# (CPL = BLOCK_D * NSPLIT / (32 * num_warps) sub-blocks, up to 4)
 # training pairs timed in --quick too: (forward config, backward sweep tuple)
 PAIR_SWEEP = [
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (4, 8, 16, 1, 0, 1, 1)),
+    ({"SERIAL": 1, "BLOCK_D": 8, "num_warps": 1, "NSPLIT": 4}, (4, 8, 16, 1, 0, 1, 1)),
+    # two channels per thread in the forward (CPL 2)
+    ({"SERIAL": 1, "BLOCK_D": 16, "num_warps": 1, "NSPLIT": 4}, (4, 8, 16, 1, 0, 1, 1)),
     # the serial backward (8 channels x 4 state lanes per warp, 128-step checkpoint chunks)
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (8, 8, 16, 1, 0, 1, 1, 1)),
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (32, 8, 16, 4)),
-    ({"SERIAL": 1, "BLOCK_D": 32, "num_warps": 1, "NSPLIT": 4}, (1, 32, 4, 1, 0, 1, 1)),
+    ({"SERIAL": 1, "BLOCK_D": 8, "num_warps": 1, "NSPLIT": 4}, (8, 8, 16, 1, 0, 1, 1, 1)),
+    ({"SERIAL": 1, "BLOCK_D": 8, "num_warps": 1, "NSPLIT": 4}, (32, 8, 16, 4)),
+    ({"SERIAL": 1, "BLOCK_D": 8, "num_warps": 1, "NSPLIT": 4}, (1, 32, 4, 1, 0, 1, 1)),
 ]
 # training pairs: backward config (its chunk BLOCK_G*BLOCK_R is the checkpoint interval); the
 # forward with checkpoints uses launch's default/tuned config fitted to that chunk
@@ -266,7 +271,7 @@ def main():
             ref = public_fwd_bwd(lv32, xs["dout"].float())
         ref_g = {n: lv32[n].grad for n in NAMES}
         if a.quick:
-            del FWD_SWEEP[5:], BWD_SWEEP[6:], PAIR_SWEEP[2:]
+            del FWD_SWEEP[6:], BWD_SWEEP[6:], PAIR_SWEEP[3:]
         best, bbest = sweep(xs, ref.detach(), ref_g)
         del xs, lv32, ref, ref_g
         print(f"\n# best fwd {best}, best training bwd {bbest}  ({time.time() - t0:.0f} s)")

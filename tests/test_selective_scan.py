@@ -10,10 +10,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import scanopt
 from scanopt._env import interpreting
-from scanopt.ops.selective_scan import launch, op
+from scanopt.ops.selective_scan import kernels, launch, op
 from scanopt.reference import selective_scan_bwd, selective_scan_fwd
 from scanopt.verify import Report, to_numpy
 
@@ -165,27 +167,32 @@ def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L)
      ("grouped", "fixed", True, 24, 5, 4, 1, torch.float32),
      ("fixed", "grouped", True, 0, 16, 2, 1, torch.float16),
      ("variable", "grouped", False, 40, 3, 4, 0, torch.float16),
-     ("variable", "fixed", True, 24, 16, 8, 1, torch.float16)],
+     ("variable", "fixed", True, 24, 16, 8, 1, torch.float16),
+     ("variable", "variable", True, 24, 16, -8, 1, torch.float16),
+     ("grouped", "fixed", False, 0, 5, -4, 0, torch.float32)],
 )  # fmt: skip
 def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit, pf, dtype):
     # SERIAL=1: a channel's states on NSPLIT lanes walk the steps one by one, segments
     # chained by PASS 1 + combine (N not a multiple of NSPLIT: padded lanes). Same recurrence
     # as the group-scan kernel up to rounding: output, last state and every checkpoint, and the
     # reference; outputs are NaN-poisoned, so a gap would show
+    # nsplit < 0: one warp of 32 / |nsplit| channel lanes and BLOCK_D = 2 * 32 / |nsplit|, so
+    # each thread holds two channels (CPL 2): with dim 7 the second sub-block is partly past
+    # dim; with dim 32 in two groups, the second program's sub-blocks read the second group
     L = 70 if seg else 37
-    x = op.make_inputs(2, 6, L, N, device=device, B_kind=bk, C_kind=ck, groups=2,
+    cpl = nsplit < 0
+    nsplit = abs(nsplit)
+    dim = (7 if nsplit == 8 else 32) if cpl else 6
+    x = op.make_inputs(2, dim, L, N, device=device, B_kind=bk, C_kind=ck, groups=2,
                        initial_state=h0, seed=N, dtype=dtype)  # fmt: skip
     args = [x[n] for n in op._TENSORS]
     group = launch.selective_scan_fwd(
         *args, True, 16, True, config={"BLOCK_G": 2, "BLOCK_R": 8, "BLOCK_D": 2}
     )
-    serial = launch.selective_scan_fwd(
-        *args,
-        True,
-        16,
-        True,
-        config={"SERIAL": 1, "SEG": seg, "BLOCK_D": 4, "NSPLIT": nsplit, "PREFETCH": pf},
-    )
+    cfg = {"SERIAL": 1, "SEG": seg, "BLOCK_D": 4, "NSPLIT": nsplit, "PREFETCH": pf}
+    if cpl:
+        cfg.update(BLOCK_D=64 // nsplit, num_warps=1)
+    serial = launch.selective_scan_fwd(*args, True, 16, True, config=cfg)
     for a, b, name in zip(group, serial, ("out", "last", "ckpt")):
         assert b.shape == a.shape and torch.isfinite(b).all(), name
         # fp32 states agree to rounding; an fp16 output may round the other way (one ulp,
@@ -193,6 +200,36 @@ def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit,
         tol = 2e-3 if name == "out" and dtype == torch.float16 else 2e-5
         torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol, msg=name)
     _assert_forward_matches_reference(x, serial[0], serial[1], f"serial {bk}/{ck} seg {seg}")
+
+
+@triton.jit
+def _softplus_fast_probe(x_ptr, y_ptr, n, APPROX: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(y_ptr + offs, kernels._softplus_fast(x, APPROX), mask=offs < n)
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_fast_softplus_accuracy(device, approx):
+    # the serial forward's softplus for 16-bit inputs: series below e = 1/8, log2 above, x
+    # above 20; relative error against float64 over [-80, 40] (e = exp(x) stays normal) and at
+    # the branch points. The interpreter has no approximate log2 (GPU only); the GPU's adds
+    # lg2.approx's 2^-22 absolute (1.4e-6 relative at e = 1/8)
+    if approx and device != "cuda":
+        pytest.skip("lg2.approx is GPU-only")
+    x64 = np.concatenate([np.linspace(-80.0, 40.0, 4001),
+                          [np.log(0.125), np.log(0.125) + 1e-6, 20.0, np.nextafter(20.0, 30.0), 0.0]])  # fmt: skip
+    x = torch.tensor(x64, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    _softplus_fast_probe[((x.numel() + 1023) // 1024,)](x, y, x.numel(), APPROX=approx, BLOCK=1024)
+    xs = x.double().cpu().numpy()  # the fp32 inputs, exactly
+    ref = np.logaddexp(0.0, xs)
+    rel = np.abs(y.double().cpu().numpy() - ref) / ref
+    # exp(x) as exp2(x log2 e) in fp32: the product's rounding, ~|x| 6e-8, is every fp32
+    # softplus's error (the exact one's too); the series, 1 + e and the log2 add up to ~6e-7
+    # (2e-6 with lg2.approx)
+    budget = 8e-8 * np.abs(xs) + (2.5e-6 if approx else 8e-7)
+    assert (rel < budget).all(), (rel.max(), xs[np.argmax(rel / budget)])
 
 
 def test_serial_forward_large_state_takes_the_group_kernel(device, monkeypatch):

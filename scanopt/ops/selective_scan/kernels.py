@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.runtime.jit import constexpr_function
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @constexpr_function
@@ -96,6 +98,29 @@ def _softplus(x):
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
     lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _softplus_fast(x, APPROX_LOG2: tl.constexpr):
+    # softplus for 16-bit inputs (whose rounding, 2^-9 relative, is ~1000x this one's error):
+    # ln 2 * log2(1 + e), e = 2^(x log2 e), with APPROX_LOG2 on the special-function unit
+    # (lg2.approx, ~2^-22 absolute); below e = 1/8, where 1 + e would round away the digits,
+    # log1p's series to e^7 (alternating: error below e^8 / 8, 6e-8 relative). ~18
+    # instructions against ~45 for ``_softplus``; relative error ~1e-6 (test_fast_softplus)
+    e = tl.exp2(tl.minimum(x, 20.0) * LOG2E)
+    es = tl.minimum(e, 0.125)  # the series' argument, bounded where it is not used
+    series = 0.14285715 * es - 0.16666667
+    series = series * es + 0.2
+    series = series * es - 0.25
+    series = series * es + 0.33333334
+    series = series * es - 0.5
+    series = (series * es + 1.0) * es
+    if APPROX_LOG2:
+        lg = libdevice.fast_log2f(1.0 + e)  # not in the interpreter
+    else:
+        lg = tl.log2(1.0 + e)
+    lp = tl.where(e < 0.125, series, lg * LN2)
     return tl.where(x > 20.0, x, lp)
 
 
@@ -417,15 +442,20 @@ def _serial_rows(ptrs, mask, NS: tl.constexpr, T: tl.constexpr):
 def _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n, t3, tq, N,
                   s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT: tl.constexpr,
                   NPT: tl.constexpr, PASS: tl.constexpr, B_VAR: tl.constexpr,
-                  C_VAR: tl.constexpr):  # fmt: skip
+                  C_VAR: tl.constexpr, CPL: tl.constexpr):  # fmt: skip
     """The global loads of the block at step t0, in the inputs' dtypes (zeros past t_stop):
-    ``(u [BD, NS, T], dt before bias/softplus [BD, NS, T2], B rows, C rows)``, the rows a
-    tuple of NPT ``[BD, NS, T]`` tiles (empty when fixed, or C in PASS 1)."""
-    m3 = md & (t0 + t3 < t_stop)  # [BD, 1, T]
+    ``(u, dt before bias/softplus, B rows, C rows)``: u ``[BD, NS, T]`` and dt ``[BD, NS, T2]``
+    tuples over the CPL channel sub-blocks (``u_base``, ``dt_base``, ``md`` likewise), the rows
+    a tuple of NPT ``[BD, NS, T]`` tiles shared by the sub-blocks (empty when fixed, or C in
+    PASS 1)."""
+    u_raw = ()
+    dt_raw = ()
+    for c in tl.static_range(CPL):
+        mq = md[c] & (t0 + tq < t_stop)  # [BD, NS, T2]
+        dt_raw = dt_raw + (tl.load(dt_base[c] + (t0 + tq) * s_dt_l, mask=mq, other=0.0),)
+        m3 = md[c] & (t0 + t3 < t_stop)  # [BD, 1, T]
+        u_raw = u_raw + (tl.load(u_base[c] + (t0 + t3) * s_u_l, mask=m3, other=0.0),)
     mbc = (col_d >= 0) & (t0 + t3 < t_stop)  # B/C rows: every channel's lanes load them
-    mq = md & (t0 + tq < t_stop)  # [BD, NS, T2]
-    dt_raw = tl.load(dt_base + (t0 + tq) * s_dt_l, mask=mq, other=0.0)
-    u_raw = tl.load(u_base + (t0 + t3) * s_u_l, mask=m3, other=0.0)
     Braw = ()
     Craw = ()
     for j in tl.static_range(NPT):
@@ -501,9 +531,13 @@ def selective_scan_fwd_serial_kernel(
     NSPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     PREFETCH: tl.constexpr = False,
+    FAST_SOFTPLUS: tl.constexpr = 0,
+    CPL: tl.constexpr = 1,
 ):
-    """One segment of SEG steps of BLOCK_D channels. Grid: (cdiv(dim, BLOCK_D), segments,
-    batch).
+    """One segment of SEG steps of ``BLOCK_D * CPL`` channels (CPL sub-blocks of BLOCK_D, one
+    channel of each per NSPLIT lanes). Grid: (cdiv(dim, BLOCK_D * CPL), segments, batch).
+    FAST_SOFTPLUS: 0 the exact softplus, 1 / 2 the 16-bit inputs' one (``_softplus_fast``;
+    2 with the GPU's approximate log2).
 
     PASS 1: from a zero state; stores the segment's end state ``hend[b, s, n, d]`` and its sum
     of dt ``dtsum[b, s, d]`` (fp32). PASS 2: from ``hs[b, s, d, n]`` (strides ``s_hs_*``: the
@@ -516,22 +550,40 @@ def selective_scan_fwd_serial_kernel(
     pid_d = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
-    d0 = pid_d * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
+    d0 = pid_d * (BLOCK_D * CPL)
     lane_n = tl.arange(0, NSPLIT)[None, :, None]  # [1, NS, 1]
-    col_d = offs_d[:, None, None]  # [BD, 1, 1]
-    md = col_d < dim  # [BD, 1, 1]
+    lane2 = tl.arange(0, NSPLIT)[None, :]  # [1, NS]
     t_begin = pid_s * SEG
     t_stop = tl.minimum(t_begin + SEG, L)
     t3 = tl.arange(0, BLOCK_T)[None, None, :]  # [1, 1, T]
+    T2: tl.constexpr = BLOCK_T // NSPLIT  # steps per lane where each (t, d) is done once
+    tq = lane_n * T2 + tl.arange(0, T2)[None, None, :]  # [1, NS, T2]
 
-    u_base = u_ptr + pid_b * s_u_b + col_d * s_u_d + lane_n * 0  # [BD, NS, 1]
+    # CPL sub-blocks of BLOCK_D channels each (a thread holds one channel of each): they share
+    # the B/C rows, loaded and widened once per thread. Per sub-block c, tuples over c (and
+    # c * NPT + j for per-state values): channel offsets, masks, bases.
+    offs_d = ()
+    col_d = ()  # [BD, 1, 1]
+    md = ()  # [BD, 1, 1]
+    col2 = ()  # [BD, 1]
+    md2 = ()
+    u_base = ()  # [BD, NS, 1]
+    dt_base = ()
+    out_base = ()  # [BD, 1, 1]
+    for c in tl.static_range(CPL):
+        od = d0 + c * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+        offs_d = offs_d + (od,)
+        col_d = col_d + (od[:, None, None],)
+        md = md + (od[:, None, None] < dim,)
+        col2 = col2 + (od[:, None],)
+        md2 = md2 + (od[:, None] < dim,)
+        u_base = u_base + (u_ptr + pid_b * s_u_b + od[:, None, None] * s_u_d + lane_n * 0,)
+        dt_base = dt_base + (delta_ptr + pid_b * s_dt_b + od[:, None, None] * s_dt_d
+                             + lane_n * 0,)  # fmt: skip
+        out_base = out_base + (out_ptr + (pid_b * dim + od[:, None, None]) * L,)
     # the layout every per-step [BD, NS] value takes (the split rows of a [BD, NS, T] load):
     # the state, A and the rest are put in it once here, so the step loop changes no layout
-    zero = _serial_rows(u_base + t3 * 0, md & (t3 < 0), NSPLIT, BLOCK_T)[0]  # [BD, NS] zeros
-    lane2 = tl.arange(0, NSPLIT)[None, :]  # [1, NS]
-    col2 = offs_d[:, None]  # [BD, 1]
-    md2 = col2 < dim
+    zero = _serial_rows(u_base[0] + t3 * 0, md[0] & (t3 < 0), NSPLIT, BLOCK_T)[0]  # [BD, NS]
 
     # per channel and state: A log2(e), fixed B / C, the state ([BD, NS] each; states past N
     # have A = B = C = 0 and stay 0)
@@ -539,139 +591,163 @@ def selective_scan_fwd_serial_kernel(
     Bf = ()
     Cf = ()
     h = ()
-    for j in tl.static_range(NPT):
-        n = j * NSPLIT + lane2  # [1, NS]
-        mn = md2 & (n < N)
-        A2 = A2 + (zero + tl.load(A_ptr + col2 * s_A_d + n * s_A_n, mask=mn, other=0.0) * LOG2E,)
-        if not B_VAR:
-            Bf = Bf + (zero + tl.load(B_ptr + col2 * s_B_g + n * s_B_n, mask=mn, other=0.0).to(
-                tl.float32),)  # fmt: skip
-        if not C_VAR:
-            Cf = Cf + (zero + tl.load(C_ptr + col2 * s_C_g + n * s_C_n, mask=mn, other=0.0).to(
-                tl.float32),)  # fmt: skip
-        if PASS == 2 and HAS_HS:
-            h = h + (zero + tl.load(hs_ptr + pid_b * s_hs_b + pid_s * s_hs_s + col2 * s_hs_d
-                                    + n * s_hs_n, mask=mn, other=0.0).to(tl.float32),)  # fmt: skip
-        else:
-            h = h + (zero,)
-    T2: tl.constexpr = BLOCK_T // NSPLIT  # steps per lane where each (t, d) is done once
-    tq = lane_n * T2 + tl.arange(0, T2)[None, None, :]  # [1, NS, T2]
-    bias = tl.zeros([BLOCK_D, 1, 1], dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(bias_ptr + col_d * s_bias, mask=md, other=0.0).to(tl.float32)
-    # D u enters y once per channel: on state lane 0
-    Dv = zero
-    if HAS_D:
-        Dv += tl.load(D_ptr + col2 * s_D, mask=md2 & (lane2 == 0), other=0.0).to(tl.float32)
-    dtsum = tl.zeros([BLOCK_D, NSPLIT, T2], dtype=tl.float32)
+    for c in tl.static_range(CPL):
+        for j in tl.static_range(NPT):
+            n = j * NSPLIT + lane2  # [1, NS]
+            mn = md2[c] & (n < N)
+            A2 = A2 + (zero + tl.load(A_ptr + col2[c] * s_A_d + n * s_A_n, mask=mn, other=0.0)
+                       * LOG2E,)  # fmt: skip
+            if not B_VAR:
+                Bf = Bf + (zero + tl.load(B_ptr + col2[c] * s_B_g + n * s_B_n, mask=mn,
+                                          other=0.0).to(tl.float32),)  # fmt: skip
+            if not C_VAR:
+                Cf = Cf + (zero + tl.load(C_ptr + col2[c] * s_C_g + n * s_C_n, mask=mn,
+                                          other=0.0).to(tl.float32),)  # fmt: skip
+            if PASS == 2 and HAS_HS:
+                h = h + (zero + tl.load(hs_ptr + pid_b * s_hs_b + pid_s * s_hs_s
+                                        + col2[c] * s_hs_d + n * s_hs_n, mask=mn,
+                                        other=0.0).to(tl.float32),)  # fmt: skip
+            else:
+                h = h + (zero,)
+    bias = ()  # [BD, 1, 1]
+    Dv = ()  # [BD, NS]: D u enters y once per channel, on state lane 0
+    dtsum = ()  # [BD, NS, T2]
+    for c in tl.static_range(CPL):
+        b_c = tl.zeros([BLOCK_D, 1, 1], dtype=tl.float32)
+        if HAS_BIAS:
+            b_c += tl.load(bias_ptr + col_d[c] * s_bias, mask=md[c], other=0.0).to(tl.float32)
+        bias = bias + (b_c,)
+        d_c = zero
+        if HAS_D:
+            d_c += tl.load(D_ptr + col2[c] * s_D, mask=md2[c] & (lane2 == 0), other=0.0).to(
+                tl.float32)  # fmt: skip
+        Dv = Dv + (d_c,)
+        dtsum = dtsum + (tl.zeros([BLOCK_D, NSPLIT, T2], dtype=tl.float32),)
 
-    dt_base = delta_ptr + pid_b * s_dt_b + col_d * s_dt_d + lane_n * 0
-    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d * 0 + lane_n * s_B_n
-    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d * 0 + lane_n * s_C_n
-    out_base = out_ptr + (pid_b * dim + col_d) * L  # [BD, 1, 1]
+    # B/C rows: [BD, NS, T] pointers, one channel per thread (the first sub-block's; the
+    # channels of a program share one group)
+    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d[0] * 0 + lane_n * s_B_n
+    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d[0] * 0 + lane_n * s_C_n
     # checkpoints: per state, the pointer into chunk 0 (hoisted out of the step loop), the
     # chunk index kk and the steps left in it (a countdown: CK is a runtime value, and a
     # division per block cost ~45 instructions; CK is a multiple of BLOCK_T)
     ck_ptrs = ()
     if STORE_CKPT:
-        for j in tl.static_range(NPT):
-            ck_ptrs = ck_ptrs + (ckpt_ptr + ((pid_b * n_ck) * N + j * NSPLIT + lane2) * dim
-                                 + col2,)  # fmt: skip
+        for c in tl.static_range(CPL):
+            for j in tl.static_range(NPT):
+                ck_ptrs = ck_ptrs + (ckpt_ptr + ((pid_b * n_ck) * N + j * NSPLIT + lane2) * dim
+                                     + col2[c],)  # fmt: skip
     kk = t_begin // CK
     ck_left = CK - (t_begin - kk * CK)
     # PREFETCH: the next block's loads are issued before this block's arithmetic (carried
     # through the loop in the inputs' dtypes), so a block does not wait on its own loads
     if PREFETCH:
-        ahead = _serial_loads(t_begin, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n,
-                              t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT, NPT,
-                              PASS, B_VAR, C_VAR)  # fmt: skip
+        ahead = _serial_loads(t_begin, t_stop, u_base, dt_base, B_base, C_base, md, col_d[0],
+                              lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l,
+                              NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL)  # fmt: skip
     for t0 in range(t_begin, t_stop, BLOCK_T):
         if PREFETCH:
             cur = ahead
             ahead = _serial_loads(t0 + BLOCK_T, t_stop, u_base, dt_base, B_base, C_base, md,
-                                  col_d, lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n,
-                                  s_C_l, NSPLIT, NPT, PASS, B_VAR, C_VAR)  # fmt: skip
+                                  col_d[0], lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l,
+                                  s_C_n, s_C_l, NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL)  # fmt: skip
         else:
-            cur = _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n,
-                                t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT,
-                                NPT, PASS, B_VAR, C_VAR)  # fmt: skip
+            cur = _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d[0],
+                                lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l,
+                                NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL)  # fmt: skip
         u_raw, dt_raw, Braw, Craw = cur
-        mq = md & (t0 + tq < t_stop)  # [BD, NS, T2]
-        # dt once per (t, d): lane s of a channel takes steps s*T2 .. s*T2 + T2 - 1 (softplus
-        # costs three exp/log/rcp; NSPLIT copies would add NSPLIT * 3 / (N / NSPLIT) of the
-        # recurrence's exp2s), then every lane gets the block's T values
-        dt_q = dt_raw.to(tl.float32) + bias
-        if SOFTPLUS:
-            dt_q = _softplus(dt_q)
-        dt_q = tl.where(mq, dt_q, 0.0)  # past L: decay 1, input 0
-        if PASS == 1:
-            dtsum += dt_q
-        u3 = u_raw.to(tl.float32)
-        # a max over a unit axis: the layout pass does not move the broadcast's conversion
-        # back through it, so the softplus stays at one (t, d) per lane
-        dt_q = tl.max(tl.reshape(dt_q, [BLOCK_D, NSPLIT, T2, 1]), axis=3)
-        dt3 = u3 * 0.0 + tl.reshape(dt_q, [BLOCK_D, BLOCK_T])[:, None, :]  # [BD, NS, T]
-        u_r = _rows(u3, BLOCK_T)
-        dt_r = _rows(dt3, BLOCK_T)
-        dtu_r = ()
-        y_r = ()
-        for t in tl.static_range(BLOCK_T):
-            dtu_r = dtu_r + (dt_r[t] * u_r[t],)
-            y_r = y_r + (Dv * u_r[t],)
-        new_h = ()
+        # the block's B/C rows, widened once for every sub-block
+        Bj = ()
+        Cj = ()
         for j in tl.static_range(NPT):
             if B_VAR:
-                Bj = _rows(Braw[j].to(tl.float32), BLOCK_T)
+                Bj = Bj + (_rows(Braw[j].to(tl.float32), BLOCK_T),)
             if PASS == 2 and C_VAR:
-                Cj = _rows(Craw[j].to(tl.float32), BLOCK_T)
-            hj = h[j]
-            new_y = ()
-            for t in tl.static_range(BLOCK_T):
-                if B_VAR:
-                    inp = dtu_r[t] * Bj[t]
+                Cj = Cj + (_rows(Craw[j].to(tl.float32), BLOCK_T),)
+        new_h = ()
+        new_dtsum = ()
+        for c in tl.static_range(CPL):
+            mq = md[c] & (t0 + tq < t_stop)  # [BD, NS, T2]
+            # dt once per (t, d): lane s of a channel takes steps s*T2 .. s*T2 + T2 - 1
+            # (softplus costs exp/log/rcp; NSPLIT copies would add NSPLIT * 3 / (N / NSPLIT)
+            # of the recurrence's exp2s), then every lane gets the block's T values
+            dt_q = dt_raw[c].to(tl.float32) + bias[c]
+            if SOFTPLUS:
+                if FAST_SOFTPLUS:
+                    dt_q = _softplus_fast(dt_q, FAST_SOFTPLUS == 2)
                 else:
-                    inp = dtu_r[t] * Bf[j]
-                hj = tl.exp2(dt_r[t] * A2[j]) * hj + inp
-                if PASS == 2:
-                    if C_VAR:
-                        new_y = new_y + (y_r[t] + hj * Cj[t],)
+                    dt_q = _softplus(dt_q)
+            dt_q = tl.where(mq, dt_q, 0.0)  # past L: decay 1, input 0
+            if PASS == 1:
+                new_dtsum = new_dtsum + (dtsum[c] + dt_q,)
+            u3 = u_raw[c].to(tl.float32)
+            # a max over a unit axis: the layout pass does not move the broadcast's conversion
+            # back through it, so the softplus stays at one (t, d) per lane
+            dt_q = tl.max(tl.reshape(dt_q, [BLOCK_D, NSPLIT, T2, 1]), axis=3)
+            dt3 = u3 * 0.0 + tl.reshape(dt_q, [BLOCK_D, BLOCK_T])[:, None, :]  # [BD, NS, T]
+            u_r = _rows(u3, BLOCK_T)
+            dt_r = _rows(dt3, BLOCK_T)
+            dtu_r = ()
+            y_r = ()
+            for t in tl.static_range(BLOCK_T):
+                dtu_r = dtu_r + (dt_r[t] * u_r[t],)
+                y_r = y_r + (Dv[c] * u_r[t],)
+            for j in tl.static_range(NPT):
+                hj = h[c * NPT + j]
+                new_y = ()
+                for t in tl.static_range(BLOCK_T):
+                    if B_VAR:
+                        inp = dtu_r[t] * Bj[j][t]
                     else:
-                        new_y = new_y + (y_r[t] + hj * Cf[j],)
+                        inp = dtu_r[t] * Bf[c * NPT + j]
+                    hj = tl.exp2(dt_r[t] * A2[c * NPT + j]) * hj + inp
+                    if PASS == 2:
+                        if C_VAR:
+                            new_y = new_y + (y_r[t] + hj * Cj[j][t],)
+                        else:
+                            new_y = new_y + (y_r[t] + hj * Cf[c * NPT + j],)
+                if PASS == 2:
+                    y_r = new_y
+                new_h = new_h + (hj,)
             if PASS == 2:
-                y_r = new_y
-            new_h = new_h + (hj,)
+                y = tl.sum(_join_rows(y_r, BLOCK_T), axis=1)  # [BD, NS, T] -> [BD, T]
+                # back to one (t, d) per lane for the gate and the store
+                y = tl.reshape(y, [BLOCK_D, NSPLIT, T2])
+                if HAS_Z:
+                    zq = tl.load(z_ptr + pid_b * s_z_b + col_d[c] * s_z_d + (t0 + tq) * s_z_l,
+                                 mask=mq, other=0.0).to(tl.float32)  # fmt: skip
+                    y = y * zq * tl.sigmoid(zq)
+                tl.store(out_base[c] + t0 + tq, y.to(out_ptr.dtype.element_ty), mask=mq)
         h = new_h
-        if PASS == 2:
-            y = tl.sum(_join_rows(y_r, BLOCK_T), axis=1)  # [BD, NS, T] -> [BD, T]
-            # back to one (t, d) per lane for the gate and the store
-            y = tl.reshape(y, [BLOCK_D, NSPLIT, T2])
-            if HAS_Z:
-                zq = tl.load(z_ptr + pid_b * s_z_b + col_d * s_z_d + (t0 + tq) * s_z_l,
-                             mask=mq, other=0.0).to(tl.float32)  # fmt: skip
-                y = y * zq * tl.sigmoid(zq)
-            tl.store(out_base + t0 + tq, y.to(out_ptr.dtype.element_ty), mask=mq)
-            if STORE_CKPT:
-                # a mask, not a branch: after step (k+1)*CK - 1, or the last step (a block lies
-                # inside one checkpoint chunk, kk)
-                ck_left -= BLOCK_T
-                at_ck = (ck_left == 0) | (t0 + BLOCK_T >= L)
+        if PASS == 1:
+            dtsum = new_dtsum
+        if PASS == 2 and STORE_CKPT:
+            # a mask, not a branch: after step (k+1)*CK - 1, or the last step (a block lies
+            # inside one checkpoint chunk, kk)
+            ck_left -= BLOCK_T
+            at_ck = (ck_left == 0) | (t0 + BLOCK_T >= L)
+            for c in tl.static_range(CPL):
                 for j in tl.static_range(NPT):
-                    tl.store(ck_ptrs[j] + kk * (N * dim), h[j],
-                             mask=md2 & (j * NSPLIT + lane2 < N) & at_ck)  # fmt: skip
-                kk = tl.where(ck_left == 0, kk + 1, kk)
-                ck_left = tl.where(ck_left == 0, CK, ck_left)
+                    tl.store(ck_ptrs[c * NPT + j] + kk * (N * dim), h[c * NPT + j],
+                             mask=md2[c] & (j * NSPLIT + lane2 < N) & at_ck)  # fmt: skip
+            kk = tl.where(ck_left == 0, kk + 1, kk)
+            ck_left = tl.where(ck_left == 0, CK, ck_left)
     if PASS == 1:
         row = pid_b * tl.num_programs(1) + pid_s
-        for j in tl.static_range(NPT):
-            n = j * NSPLIT + lane2
-            tl.store(hend_ptr + (row * N + n) * dim + col2, h[j], mask=md2 & (n < N))
-        tl.store(dtsum_ptr + row * dim + offs_d, tl.sum(tl.sum(dtsum, axis=2), axis=1),
-                 mask=offs_d < dim)  # fmt: skip
+        for c in tl.static_range(CPL):
+            for j in tl.static_range(NPT):
+                n = j * NSPLIT + lane2
+                tl.store(hend_ptr + (row * N + n) * dim + col2[c], h[c * NPT + j],
+                         mask=md2[c] & (n < N))  # fmt: skip
+            tl.store(dtsum_ptr + row * dim + offs_d[c],
+                     tl.sum(tl.sum(dtsum[c], axis=2), axis=1), mask=offs_d[c] < dim)  # fmt: skip
     else:
         last = t_stop >= L
-        for j in tl.static_range(NPT):
-            n = j * NSPLIT + lane2
-            tl.store(state_ptr + (pid_b * N + n) * dim + col2, h[j], mask=md2 & (n < N) & last)
+        for c in tl.static_range(CPL):
+            for j in tl.static_range(NPT):
+                n = j * NSPLIT + lane2
+                tl.store(state_ptr + (pid_b * N + n) * dim + col2[c], h[c * NPT + j],
+                         mask=md2[c] & (n < N) & last)  # fmt: skip
 
 
 @triton.jit

@@ -360,10 +360,11 @@ def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int, nsp
     return cdiv(seg, block_t) * block_t
 
 
-def serial_channels(cfg: dict, nsplit: int, dim: int, bcb: tuple, bcc: tuple) -> int:
-    """Channels per program of the serial families: one channel per NSPLIT lanes, so
-    ``32 * num_warps / NSPLIT`` unless ``BLOCK_D`` says fewer, inside one group of B and C."""
-    block = min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] // nsplit))
+def serial_channels(cfg: dict, nsplit: int, dim: int, bcb: tuple, bcc: tuple,
+                    per_lane: int = 1) -> int:  # fmt: skip
+    """Channels per program of the serial families: ``BLOCK_D``, at most ``per_lane`` channels
+    per NSPLIT lanes (``32 * num_warps * per_lane / NSPLIT``), inside one group of B and C."""
+    block = min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] * per_lane // nsplit))
     return _group_aligned_block(block, dim, bcb, bcc)
 
 
@@ -385,7 +386,11 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     if store_ckpt and chunk % block_t:
         raise ValueError(f"the checkpoint chunk {chunk} must be a multiple of {block_t}")
     bcb, bcc = bc_layout(B, dim), bc_layout(C, dim)
-    BD = serial_channels(cfg, nsplit, dim, bcb, bcc)
+    # up to 4 channels per thread (CPL sub-blocks of one channel per NSPLIT lanes): they share
+    # the thread's B/C loads and conversions
+    BD = serial_channels(cfg, nsplit, dim, bcb, bcc, per_lane=4)
+    lanes_d = max(1, 32 * cfg["num_warps"] // nsplit)
+    cpl = max(1, BD // lanes_d)
     seg = serial_segment(cfg, batch=batch, dim=dim, L=L, block_t=block_t, nsplit=nsplit)
     n_seg = cdiv(L, seg)
     n_ck = cdiv(L, chunk) if store_ckpt else 0
@@ -395,8 +400,10 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     n_dblk = cdiv(dim, BD)
     common = dict(
         N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD, NSPLIT=nsplit,
+        SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD // cpl, CPL=cpl,
+        NSPLIT=nsplit,
         BLOCK_T=block_t, PREFETCH=bool(cfg.get("PREFETCH", 0)),
+        FAST_SOFTPLUS=(0 if delta.element_size() > 2 else 1 if interpreting() else 2),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     strides = (
