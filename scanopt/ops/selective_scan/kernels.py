@@ -439,10 +439,10 @@ def _serial_rows(ptrs, mask, NS: tl.constexpr, T: tl.constexpr):
 
 
 @triton.jit
-def _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n, t3, tq, N,
+def _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n, t3, tw, tq, N,
                   s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT: tl.constexpr,
                   NPT: tl.constexpr, PASS: tl.constexpr, B_VAR: tl.constexpr,
-                  C_VAR: tl.constexpr, CPL: tl.constexpr):  # fmt: skip
+                  C_VAR: tl.constexpr, CPL: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
     """The global loads of the block at step t0, in the inputs' dtypes (zeros past t_stop):
     ``(u, dt before bias/softplus, B rows, C rows)``: u ``[BD, NS, T]`` and dt ``[BD, NS, T2]``
     tuples over the CPL channel sub-blocks (``u_base``, ``dt_base``, ``md`` likewise), the rows
@@ -455,18 +455,59 @@ def _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n
         dt_raw = dt_raw + (tl.load(dt_base[c] + (t0 + tq) * s_dt_l, mask=mq, other=0.0),)
         m3 = md[c] & (t0 + t3 < t_stop)  # [BD, 1, T]
         u_raw = u_raw + (tl.load(u_base[c] + (t0 + t3) * s_u_l, mask=m3, other=0.0),)
-    mbc = (col_d >= 0) & (t0 + t3 < t_stop)  # B/C rows: every channel's lanes load them
+    if PAIRS:
+        # bf16 B/C as int32 words of two steps (t0 + 2i, t0 + 2i + 1): tw [1, 1, T/2]; every
+        # row starts at an even element and L is even, so a word is all in or all out
+        t_bc = t0 // 2 + tw
+        mbc = (col_d >= 0) & (t_bc < t_stop // 2)  # B/C rows: every channel's lanes load them
+    else:
+        t_bc = t0 + tw
+        mbc = (col_d >= 0) & (t_bc < t_stop)
     Braw = ()
     Craw = ()
     for j in tl.static_range(NPT):
-        m_bc = mbc & (j * NSPLIT + lane_n < N)  # [BD, NS, T]
+        m_bc = mbc & (j * NSPLIT + lane_n < N)  # [BD, NS, T] (T/2 words with PAIRS)
         if B_VAR:
-            Braw = Braw + (tl.load(B_base + j * NSPLIT * s_B_n + (t0 + t3) * s_B_l, mask=m_bc,
-                                   other=0.0),)  # fmt: skip
+            Braw = Braw + (tl.load(B_base + j * NSPLIT * s_B_n + t_bc * s_B_l, mask=m_bc,
+                                   other=0),)  # fmt: skip
         if PASS == 2 and C_VAR:
-            Craw = Craw + (tl.load(C_base + j * NSPLIT * s_C_n + (t0 + t3) * s_C_l, mask=m_bc,
-                                   other=0.0),)  # fmt: skip
+            Craw = Craw + (tl.load(C_base + j * NSPLIT * s_C_n + t_bc * s_C_l, mask=m_bc,
+                                   other=0),)  # fmt: skip
     return u_raw, dt_raw, Braw, Craw
+
+
+@triton.jit
+def _widen_pairs(words, T: tl.constexpr):
+    """T fp32 rows from a tile of T/2 int32 words, each two bf16 steps (the earlier step in
+    the low half): one shift or mask per value, where widening bf16 values one by one costs a
+    byte permute each as well."""
+    rows = ()
+    for i in tl.static_range(T // 2):
+        w = words[i]
+        rows = rows + ((w << 16).to(tl.float32, bitcast=True),
+                       (w & -65536).to(tl.float32, bitcast=True))  # fmt: skip
+    return rows
+
+
+@triton.jit
+def _serial_widen(Braw, Craw, NPT: tl.constexpr, T: tl.constexpr, PASS: tl.constexpr,
+                  B_VAR: tl.constexpr, C_VAR: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """The block's B/C rows in fp32: NPT tuples of T ``[BD, NS]`` rows each (empty where
+    ``_serial_loads`` loaded none)."""
+    Bj = ()
+    Cj = ()
+    for j in tl.static_range(NPT):
+        if B_VAR:
+            if PAIRS:
+                Bj = Bj + (_widen_pairs(_rows(Braw[j], T // 2), T),)
+            else:
+                Bj = Bj + (_rows(Braw[j].to(tl.float32), T),)
+        if PASS == 2 and C_VAR:
+            if PAIRS:
+                Cj = Cj + (_widen_pairs(_rows(Craw[j], T // 2), T),)
+            else:
+                Cj = Cj + (_rows(Craw[j].to(tl.float32), T),)
+    return Bj, Cj
 
 
 @triton.jit
@@ -533,6 +574,7 @@ def selective_scan_fwd_serial_kernel(
     PREFETCH: tl.constexpr = False,
     FAST_SOFTPLUS: tl.constexpr = 0,
     CPL: tl.constexpr = 1,
+    BC_PAIRS: tl.constexpr = False,
 ):
     """One segment of SEG steps of ``BLOCK_D * CPL`` channels (CPL sub-blocks of BLOCK_D, one
     channel of each per NSPLIT lanes). Grid: (cdiv(dim, BLOCK_D * CPL), segments, batch).
@@ -625,9 +667,18 @@ def selective_scan_fwd_serial_kernel(
         dtsum = dtsum + (tl.zeros([BLOCK_D, NSPLIT, T2], dtype=tl.float32),)
 
     # B/C rows: [BD, NS, T] pointers, one channel per thread (the first sub-block's; the
-    # channels of a program share one group)
-    B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d[0] * 0 + lane_n * s_B_n
-    C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d[0] * 0 + lane_n * s_C_n
+    # channels of a program share one group); BC_PAIRS: int32 words of two bf16 steps
+    # (the launcher passes even strides for every axis but L, and s_l = 1)
+    if BC_PAIRS:  # the strides come in words (halved), L's stays 1
+        B_base = B_ptr.to(tl.pointer_type(tl.int32)) + pid_b * s_B_b + (d0 // cpg_b) * s_B_g \
+            + lane_n * s_B_n + col_d[0] * 0  # fmt: skip
+        C_base = C_ptr.to(tl.pointer_type(tl.int32)) + pid_b * s_C_b + (d0 // cpg_c) * s_C_g \
+            + lane_n * s_C_n + col_d[0] * 0  # fmt: skip
+        tw = tl.arange(0, BLOCK_T // 2)[None, None, :]  # [1, 1, T/2] B/C words
+    else:
+        tw = t3
+        B_base = B_ptr + pid_b * s_B_b + (d0 // cpg_b) * s_B_g + col_d[0] * 0 + lane_n * s_B_n
+        C_base = C_ptr + pid_b * s_C_b + (d0 // cpg_c) * s_C_g + col_d[0] * 0 + lane_n * s_C_n
     # checkpoints: per state, the pointer into chunk 0 (hoisted out of the step loop), the
     # chunk index kk and the steps left in it (a countdown: CK is a runtime value, and a
     # division per block cost ~45 instructions; CK is a multiple of BLOCK_T)
@@ -639,31 +690,31 @@ def selective_scan_fwd_serial_kernel(
                                      + col2[c],)  # fmt: skip
     kk = t_begin // CK
     ck_left = CK - (t_begin - kk * CK)
-    # PREFETCH: the next block's loads are issued before this block's arithmetic (carried
-    # through the loop in the inputs' dtypes), so a block does not wait on its own loads
+    # PREFETCH: the next block's loads are issued before this block's arithmetic, so a block
+    # does not wait on its own loads. u and dt are carried through the loop in the inputs'
+    # dtypes; the B/C rows are widened at the end of the block (the loads have landed by
+    # then) and carried in fp32: carried 16-bit values cost a PRMT each to split
     if PREFETCH:
         ahead = _serial_loads(t_begin, t_stop, u_base, dt_base, B_base, C_base, md, col_d[0],
-                              lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l,
-                              NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL)  # fmt: skip
+                              lane_n, t3, tw, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l,
+                              NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL, BC_PAIRS)  # fmt: skip
+        bc_ahead = _serial_widen(ahead[2], ahead[3], NPT, BLOCK_T, PASS, B_VAR, C_VAR, BC_PAIRS)
+        ahead = (ahead[0], ahead[1])
     for t0 in range(t_begin, t_stop, BLOCK_T):
         if PREFETCH:
-            cur = ahead
-            ahead = _serial_loads(t0 + BLOCK_T, t_stop, u_base, dt_base, B_base, C_base, md,
-                                  col_d[0], lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l,
-                                  s_C_n, s_C_l, NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL)  # fmt: skip
+            u_raw, dt_raw = ahead
+            Bj, Cj = bc_ahead
+            nxt = _serial_loads(t0 + BLOCK_T, t_stop, u_base, dt_base, B_base, C_base, md,
+                                col_d[0], lane_n, t3, tw, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n,
+                                s_C_l, NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL, BC_PAIRS)  # fmt: skip
+            ahead = (nxt[0], nxt[1])
         else:
-            cur = _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d[0],
-                                lane_n, t3, tq, N, s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l,
-                                NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL)  # fmt: skip
-        u_raw, dt_raw, Braw, Craw = cur
-        # the block's B/C rows, widened once for every sub-block
-        Bj = ()
-        Cj = ()
-        for j in tl.static_range(NPT):
-            if B_VAR:
-                Bj = Bj + (_rows(Braw[j].to(tl.float32), BLOCK_T),)
-            if PASS == 2 and C_VAR:
-                Cj = Cj + (_rows(Craw[j].to(tl.float32), BLOCK_T),)
+            u_raw, dt_raw, Braw, Craw = _serial_loads(
+                t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d[0], lane_n, t3, tw, tq, N,
+                s_u_l, s_dt_l, s_B_n, s_B_l, s_C_n, s_C_l, NSPLIT, NPT, PASS, B_VAR, C_VAR, CPL,
+                BC_PAIRS)  # fmt: skip
+            # the block's B/C rows, widened once for every sub-block
+            Bj, Cj = _serial_widen(Braw, Craw, NPT, BLOCK_T, PASS, B_VAR, C_VAR, BC_PAIRS)
         new_h = ()
         new_dtsum = ()
         for c in tl.static_range(CPL):
@@ -721,6 +772,8 @@ def selective_scan_fwd_serial_kernel(
         h = new_h
         if PASS == 1:
             dtsum = new_dtsum
+        if PREFETCH:
+            bc_ahead = _serial_widen(nxt[2], nxt[3], NPT, BLOCK_T, PASS, B_VAR, C_VAR, BC_PAIRS)
         if PASS == 2 and STORE_CKPT:
             # a mask, not a branch: after step (k+1)*CK - 1, or the last step (a block lies
             # inside one checkpoint chunk, kk)

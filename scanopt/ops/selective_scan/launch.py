@@ -368,6 +368,17 @@ def serial_channels(cfg: dict, nsplit: int, dim: int, bcb: tuple, bcc: tuple,
     return _group_aligned_block(block, dim, bcb, bcc)
 
 
+def _bf16_pairs(M: Tensor, layout: tuple) -> bool:
+    """Whether a variable bf16 B or C can be read as int32 words of two steps: L contiguous
+    and even, every other stride and the data pointer even in elements (a fixed one is read
+    per channel, as bf16)."""
+    if not layout[0] or M.dtype != torch.bfloat16:
+        return False
+    strides = layout[3]  # (b, g, n, l)
+    return (strides[3] == 1 and M.shape[-1] % 2 == 0 and all(x % 2 == 0 for x in strides[:3])
+            and M.data_ptr() % 4 == 0)  # fmt: skip
+
+
 def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk,
                 store_ckpt, cfg, nsplit):  # fmt: skip
     """The serial forward family (``kernels.selective_scan_fwd_serial_kernel``); same results
@@ -398,7 +409,12 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     state = empty((batch, N, dim), f32, dev)
     ckpt = empty((batch, n_ck, N, dim), f32, dev)
     n_dblk = cdiv(dim, BD)
+    pairs = _bf16_pairs(B, bcb) and _bf16_pairs(C, bcc)
+    if pairs:  # B/C strides in int32 words
+        bcb = (*bcb[:3], tuple(x // 2 for x in bcb[3][:3]) + (1,))
+        bcc = (*bcc[:3], tuple(x // 2 for x in bcc[3][:3]) + (1,))
     common = dict(
+        BC_PAIRS=pairs,
         N=N, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD // cpl, CPL=cpl,
         NSPLIT=nsplit,
