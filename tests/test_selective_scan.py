@@ -208,15 +208,16 @@ def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit,
 
 
 @triton.jit
-def _softplus_fast_probe(x_ptr, y_ptr, n, APPROX: tl.constexpr, BLOCK: tl.constexpr):
+def _fast_act_probe(x_ptr, y_ptr, s_ptr, n, APPROX: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
     tl.store(y_ptr + offs, kernels._softplus_fast(x, APPROX), mask=offs < n)
+    tl.store(s_ptr + offs, kernels._sigmoid(x, 2 if APPROX else 1), mask=offs < n)
 
 
 @pytest.mark.parametrize("approx", [False, True])
-def test_fast_softplus_accuracy(device, approx):
-    # the serial forward's softplus for 16-bit inputs: series below e = 1/8, log2 above, x
+def test_fast_activations_accuracy(device, approx):
+    # the kernels' softplus for 16-bit inputs (FAST_ACT): series below e = 1/8, log2 above, x
     # above 20; relative error against float64 over [-80, 40] (e = exp(x) stays normal) and at
     # the branch points. The interpreter has no approximate log2 (GPU only); the GPU's adds
     # lg2.approx's 2^-22 absolute (1.4e-6 relative at e = 1/8)
@@ -225,8 +226,8 @@ def test_fast_softplus_accuracy(device, approx):
     x64 = np.concatenate([np.linspace(-80.0, 40.0, 4001),
                           [np.log(0.125), np.log(0.125) + 1e-6, 20.0, np.nextafter(20.0, 30.0), 0.0]])  # fmt: skip
     x = torch.tensor(x64, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    _softplus_fast_probe[((x.numel() + 1023) // 1024,)](x, y, x.numel(), APPROX=approx, BLOCK=1024)
+    y, sig = torch.empty_like(x), torch.empty_like(x)
+    _fast_act_probe[((x.numel() + 1023) // 1024,)](x, y, sig, x.numel(), APPROX=approx, BLOCK=1024)
     xs = x.double().cpu().numpy()  # the fp32 inputs, exactly
     ref = np.logaddexp(0.0, xs)
     rel = np.abs(y.double().cpu().numpy() - ref) / ref
@@ -235,6 +236,11 @@ def test_fast_softplus_accuracy(device, approx):
     # (2e-6 with lg2.approx)
     budget = 8e-8 * np.abs(xs) + (2.5e-6 if approx else 8e-7)
     assert (rel < budget).all(), (rel.max(), xs[np.argmax(rel / budget)])
+    # the fast sigmoid (FAST_ACT): the same exp, then the reciprocal (rcp.approx on the GPU)
+    ref = 1.0 / (1.0 + np.exp(-xs))
+    rel = np.abs(sig.double().cpu().numpy() - ref) / ref
+    budget = 8e-8 * np.abs(xs) + (1e-6 if approx else 3e-7)
+    assert (rel < budget).all(), ("sigmoid", rel.max(), xs[np.argmax(rel / budget)])
 
 
 def test_serial_forward_large_state_takes_the_group_kernel(device, monkeypatch):

@@ -107,7 +107,7 @@ def _softplus_fast(x, APPROX_LOG2: tl.constexpr):
     # ln 2 * log2(1 + e), e = 2^(x log2 e), with APPROX_LOG2 on the special-function unit
     # (lg2.approx, ~2^-22 absolute); below e = 1/8, where 1 + e would round away the digits,
     # log1p's series to e^7 (alternating: error below e^8 / 8, 6e-8 relative). ~18
-    # instructions against ~45 for ``_softplus``; relative error ~1e-6 (test_fast_softplus)
+    # instructions against ~45 for ``_softplus``; relative error ~1e-6 (test_fast_activations_accuracy)
     e = tl.exp2(tl.minimum(x, 20.0) * LOG2E)
     es = tl.minimum(e, 0.125)  # the series' argument, bounded where it is not used
     series = 0.14285715 * es - 0.16666667
@@ -125,8 +125,21 @@ def _softplus_fast(x, APPROX_LOG2: tl.constexpr):
 
 
 @triton.jit
-def _softplus_grad(x):
-    return tl.where(x > 20.0, 1.0, tl.sigmoid(x))
+def _softplus_grad(x, FAST: tl.constexpr = 0):
+    return tl.where(x > 20.0, 1.0, _sigmoid(x, FAST))
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr = 0):
+    """``tl.sigmoid`` (an IEEE division), or with FAST (16-bit inputs; see ``FAST_ACT``)
+    1 / (1 + 2^(-x log2 e)) with the approximate reciprocal (2: on the GPU; 1: the division,
+    in the interpreter): ~5 instructions against ~15, ~2 ulp of fp32."""
+    if FAST == 2:
+        return libdevice.fast_dividef(1.0, 1.0 + tl.exp2(-x * LOG2E))
+    elif FAST == 1:
+        return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+    else:
+        return tl.sigmoid(x)
 
 
 @triton.jit
@@ -146,14 +159,18 @@ def _load_tile(base, l3, offs_d, mask, s_l, s_d):
 
 @triton.jit
 def _load_dt(delta_base, bias, l3, offs_d, mask, s_dt_l, s_dt_d, HAS_BIAS: tl.constexpr,
-             SOFTPLUS: tl.constexpr):  # fmt: skip
-    """(pre-softplus delta, dt) of a [BD, G, R] tile; dt is 0 where masked."""
+             SOFTPLUS: tl.constexpr, FAST_ACT: tl.constexpr):  # fmt: skip
+    """(pre-softplus delta, dt) of a [BD, G, R] tile; dt is 0 where masked. FAST_ACT as
+    in ``selective_scan_fwd_serial_kernel``."""
     pre = _load_tile(delta_base, l3, offs_d, mask, s_dt_l, s_dt_d)
     if HAS_BIAS:
         pre = pre + bias[:, None, None]
     dt = pre
     if SOFTPLUS:
-        dt = _softplus(pre)
+        if FAST_ACT:
+            dt = _softplus_fast(pre, FAST_ACT == 2)
+        else:
+            dt = _softplus(pre)
     dt = tl.where(mask, dt, 0.0)
     return pre, dt
 
@@ -313,6 +330,7 @@ def selective_scan_fwd_kernel(
     CK: tl.constexpr,
     COLS: tl.constexpr,
     PREFETCH: tl.constexpr,
+    FAST_ACT: tl.constexpr = 0,
 ):
     """out = (sum_n x_t C_t + D u) * silu(z) (batch, dim, L); the states at every CK-th step.
 
@@ -364,7 +382,7 @@ def selective_scan_fwd_kernel(
         mask3 = mask_l3 & mask_d[:, None, None]  # [BD, G, R]
         u = _load_tile(u_base, l3, offs_d, mask3, s_u_l, s_u_d)
         pre, dt = _load_dt(delta_base, bias, l3, offs_d, mask3, s_dt_l, s_dt_d, HAS_BIAS,
-                           SOFTPLUS)  # fmt: skip
+                           SOFTPLUS, FAST_ACT)  # fmt: skip
         dt_r = _rows(dt, BLOCK_R)
         dtu_r = _rows(dt * u, BLOCK_R)
         zrow = dt_r[0] * 0.0  # zeros in the rows' layout (tl.zeros would pick another one)
@@ -415,7 +433,7 @@ def selective_scan_fwd_kernel(
             y += Dv[:, None, None] * u
         if HAS_Z:
             zt = _load_tile(z_ptr + pid_b * s_z_b, l3, offs_d, mask3, s_z_l, s_z_d)
-            y = y * zt * tl.sigmoid(zt)
+            y = y * zt * _sigmoid(zt, FAST_ACT)
         tl.store(out_ptr + io_off + l3, y.to(out_ptr.dtype.element_ty), mask=mask3)
 
 
@@ -572,14 +590,15 @@ def selective_scan_fwd_serial_kernel(
     NSPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     PREFETCH: tl.constexpr = False,
-    FAST_SOFTPLUS: tl.constexpr = 0,
+    FAST_ACT: tl.constexpr = 0,
     CPL: tl.constexpr = 1,
     BC_PAIRS: tl.constexpr = False,
 ):
     """One segment of SEG steps of ``BLOCK_D * CPL`` channels (CPL sub-blocks of BLOCK_D, one
     channel of each per NSPLIT lanes). Grid: (cdiv(dim, BLOCK_D * CPL), segments, batch).
-    FAST_SOFTPLUS: 0 the exact softplus, 1 / 2 the 16-bit inputs' one (``_softplus_fast``;
-    2 with the GPU's approximate log2).
+    FAST_ACT: 0 the exact softplus and sigmoid; 1 / 2 the 16-bit inputs' ones
+    (``_softplus_fast``, ``_sigmoid``; 2 with the GPU's approximate log2 and reciprocal, 1 in
+    the interpreter). The group kernels take the same flag.
 
     PASS 1: from a zero state; stores the segment's end state ``hend[b, s, n, d]`` and its sum
     of dt ``dtsum[b, s, d]`` (fp32). PASS 2: from ``hs[b, s, d, n]`` (strides ``s_hs_*``: the
@@ -724,8 +743,8 @@ def selective_scan_fwd_serial_kernel(
             # of the recurrence's exp2s), then every lane gets the block's T values
             dt_q = dt_raw[c].to(tl.float32) + bias[c]
             if SOFTPLUS:
-                if FAST_SOFTPLUS:
-                    dt_q = _softplus_fast(dt_q, FAST_SOFTPLUS == 2)
+                if FAST_ACT:
+                    dt_q = _softplus_fast(dt_q, FAST_ACT == 2)
                 else:
                     dt_q = _softplus(dt_q)
             dt_q = tl.where(mq, dt_q, 0.0)  # past L: decay 1, input 0
@@ -767,7 +786,7 @@ def selective_scan_fwd_serial_kernel(
                 if HAS_Z:
                     zq = tl.load(z_ptr + pid_b * s_z_b + col_d[c] * s_z_d + (t0 + tq) * s_z_l,
                                  mask=mq, other=0.0).to(tl.float32)  # fmt: skip
-                    y = y * zq * tl.sigmoid(zq)
+                    y = y * zq * _sigmoid(zq, FAST_ACT)
                 tl.store(out_base[c] + t0 + tq, y.to(out_ptr.dtype.element_ty), mask=mq)
         h = new_h
         if PASS == 1:
@@ -945,6 +964,7 @@ def selective_scan_bwd_kernel(
     BLOCK_R: tl.constexpr,
     PREFETCH: tl.constexpr,
     ATOMIC_BC: tl.constexpr = 0,
+    FAST_ACT: tl.constexpr = 0,
 ):
     """All gradients of the scan, walking the chunks (of BLOCK_G * BLOCK_R steps = the
     forward's checkpoint interval) backwards.
@@ -1031,11 +1051,11 @@ def selective_scan_bwd_kernel(
         mask3 = mask_l3 & mask_d[:, None, None]  # [BD, G, R]
         u = _load_tile(u_base, l3, offs_d, mask3, s_u_l, s_u_d)
         pre, dt = _load_dt(delta_base, bias, l3, offs_d, mask3, s_dt_l, s_dt_d, HAS_BIAS,
-                           SOFTPLUS)  # fmt: skip
+                           SOFTPLUS, FAST_ACT)  # fmt: skip
         dout = _load_tile(dout_base, l3, offs_d, mask3, s_do_l, s_do_d)
         if HAS_Z:
             zt = _load_tile(z_ptr + pid_b * s_z_b, l3, offs_d, mask3, s_z_l, s_z_d)
-            sig = tl.sigmoid(zt)
+            sig = _sigmoid(zt, FAST_ACT)
             dy = dout * zt * sig
         else:
             dy = dout
@@ -1173,7 +1193,7 @@ def selective_scan_bwd_kernel(
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
             tl.store(dz_ptr + io_off + l3, dz.to(dz_ptr.dtype.element_ty), mask=mask3)
         if SOFTPLUS:
-            ddt = ddt * _softplus_grad(pre)
+            ddt = ddt * _softplus_grad(pre, FAST_ACT)
         ddt = tl.where(mask3, ddt, 0.0)
         dbias_acc += ddt
         tl.store(du_ptr + io_off + l3, du.to(du_ptr.dtype.element_ty), mask=mask3)

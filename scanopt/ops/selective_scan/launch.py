@@ -327,7 +327,8 @@ def selective_scan_fwd(
         delta_bias.stride(0) if delta_bias is not None else 0,
         *_opt_strides(initial_state, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None,
+        SOFTPLUS=bool(delta_softplus), FAST_ACT=fast_act(delta),
+        HAS_H0=initial_state is not None,
         B_VAR=bcb[0], C_VAR=bcc[0], STORE_CKPT=bool(store_ckpt),
         BLOCK_D=BD, BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
         CK=chunk if store_ckpt else BL, COLS=cfg.get("COLS", 1),
@@ -335,6 +336,16 @@ def selective_scan_fwd(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, state.transpose(1, 2).contiguous(), ckpt
+
+
+def fast_act(delta: Tensor) -> int:
+    """The kernels' ``FAST_ACT``: for 16-bit delta, the softplus and sigmoid of
+    ``kernels._softplus_fast`` and ``kernels._sigmoid`` (2 on a GPU, with lg2.approx and the
+    approximate reciprocal; 1 in the interpreter, which lacks both); 0 (the exact ones) for
+    fp32."""
+    if delta.element_size() > 2:
+        return 0
+    return 1 if interpreting() else 2
 
 
 def serial_block(esize: int) -> int:
@@ -419,7 +430,7 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
         SOFTPLUS=bool(delta_softplus), B_VAR=bcb[0], C_VAR=bcc[0], BLOCK_D=BD // cpl, CPL=cpl,
         NSPLIT=nsplit,
         BLOCK_T=block_t, PREFETCH=bool(cfg.get("PREFETCH", 0)),
-        FAST_SOFTPLUS=(0 if delta.element_size() > 2 else 1 if interpreting() else 2),
+        FAST_ACT=fast_act(delta),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     strides = (
@@ -709,7 +720,8 @@ def _bwd_launch(
         delta_bias.stride(0) if delta_bias is not None else 0,
         *_opt_strides(h0, 3), *_opt_strides(dlast, 3),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), HAS_H0=h0 is not None,
+        SOFTPLUS=bool(delta_softplus), FAST_ACT=fast_act(delta),
+        HAS_H0=h0 is not None,
         HAS_DLAST=dlast is not None, B_VAR=bcb[0], C_VAR=bcc[0],
         BLOCK_D=BD, BLOCK_G=G, BLOCK_R=cfg["BLOCK_R"], PREFETCH=bool(cfg.get("PREFETCH", 0)),
         ATOMIC_BC=atomic, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
