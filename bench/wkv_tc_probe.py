@@ -12,7 +12,8 @@ kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of
 = the chunk length with 4 and 8 warps; ``bwd`` = WKV-6's backward switches (``CARRY``: a
 program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
 at 8 warps; ``dpass`` = the backward's decay pass (WKV-6's default, WKV-7's opt-in) on and off,
-and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``recfwd`` = the recurrent
+and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``ks`` = WKV-7's split-K
+recurrent forward (``KS``, ``BV``); ``recfwd`` = the recurrent
 family's V-block and prefetch depth (for its forward time: the tc backward reads its
 checkpoints). A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
@@ -46,6 +47,15 @@ SWEEPS = {
         {"MODE": "recurrent", "PF": 8},
     ],
     "warps": [{"num_warps": 2}, {"num_warps": 2, "BV": 32}, {"BV": 32}],
+    # WKV-7's split-K recurrent forward (KS values of K per thread; both directions take
+    # MODE, so read the fwd column: the backward is the recurrent one)
+    "ks": [
+        {"MODE": "recurrent", "KS": 8, "BV": 8},
+        {"MODE": "recurrent", "KS": 8, "BV": 16},
+        {"MODE": "recurrent", "KS": 8, "BV": 4},
+        {"MODE": "recurrent", "KS": 4, "BV": 4},
+        {"MODE": "recurrent", "KS": 16, "BV": 8},
+    ],
     "bwd": [
         {"CARRY": 1},
         {"DPASS": 1},

@@ -62,6 +62,34 @@ def test_wkv7_odd_heads(device, mode, B, T, H, K, V, decay):
     op.check_case(x, f"K{K}-V{V}").assert_ok()
 
 
+@pytest.mark.parametrize(
+    "T,K,V,dtype,ks,bv,decay",
+    [
+        (37, 16, 16, torch.float32, 8, 8, "strong"),  # K in 2 lane groups, 16 V lanes
+        (100, 32, 40, torch.bfloat16, 8, 16, "mixed"),  # bf16 words; CPL 2, a partial V-block
+        (17, 64, 64, torch.float16, 16, 8, "rwkv7"),  # 4 lane groups of 16
+        (45, 20, 24, torch.bfloat16, 4, 4, "weak"),  # K not a power of two (masked lanes)
+    ],
+)
+def test_wkv7_split_k_forward(device, force_rwkv_mode, T, K, V, dtype, ks, bv, decay):
+    # KS: the recurrent forward with K in lane groups of KS values per thread
+    # (wkv7_fwd_ks_kernel); its checkpoints feed the default backward of the dtype. Against
+    # the reference (every gradient), and against the default recurrent forward: the same
+    # outputs, final state and checkpoints up to fp32 summation order
+    x = op.make_inputs(1, T, 2, K, V, dtype=dtype, device=device, decay=decay,
+                       w_dtype=_w_dtype(dtype), initial_state=True, seed=K + T)  # fmt: skip
+    args = [x[n] for n in NAMES]
+    cfg = {"MODE": "recurrent", "KS": ks, "BV": bv, "PF": 3}
+    want = launch.wkv7_fwd(*args, 1.0, x["initial_state"], True, {"MODE": "recurrent"})
+    got = launch.wkv7_fwd(*args, 1.0, x["initial_state"], True, cfg)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+    for g, w_, name in zip(got, want, ("o", "ht", "ckpt"), strict=True):
+        t = tol if name == "o" else 2e-5
+        torch.testing.assert_close(g.float(), w_.float(), rtol=t, atol=t, msg=name)
+    force_rwkv_mode("recurrent", KS=ks, BV=bv)
+    op.check_case(x, f"KS{ks}-BV{bv}").assert_ok()
+
+
 def test_wkv7_scale(device, mode):
     x = op.make_inputs(1, 9, 2, 16, device=device, initial_state=True, seed=3)
     op.check_case(x, "scale", scale=16**-0.5).assert_ok()

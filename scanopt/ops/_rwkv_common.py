@@ -44,7 +44,7 @@ def cdiv(x: int, y: int) -> int:
 
 #: the keys every launch config holds, per direction (the tuner's search space is over these)
 CONFIG_KEYS = {
-    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "SW", "PF", "num_warps", "num_stages"),
+    "fwd": ("MODE", "CHUNK", "BT", "BV", "BW", "SW", "PF", "KS", "num_warps", "num_stages"),
     "bwd": ("MODE", "BT", "BV", "BW", "SW", "CARRY", "DPASS", "PF", "num_warps", "num_stages"),
 }
 MODES = ("recurrent", "chunked", "tc")

@@ -61,6 +61,8 @@ from scanopt.ops._tc_helpers import (
     unit_lower_inverse,
 )
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
 # ---------------------------------------------------------------------------------------------
 # helpers
 
@@ -265,6 +267,159 @@ def wkv7_fwd_kernel(
                 tl.store(p_o + t * HV, b_o.to(p_o.dtype.element_ty), mask=m_v)
 
     tl.store(ht + i_bh * K * V + o_h, b_h, mask=m_h)
+
+
+@triton.jit
+def _ks_load_step(xs, t, T, off_x, HK, o_k3, m_k3, off_y, HV, o_v, m_v, CPL: tl.constexpr,
+                  PAIRS: tl.constexpr):  # fmt: skip
+    """Step t's K-vectors (r, w, k, a, b; ``[VL, KG, KS]`` each, the same on every V lane; with
+    PAIRS ``[VL, KG, KS / 2]`` int32 words of two bf16, pointers and offsets in words) and its v
+    (a tuple of CPL ``[VL]`` sub-blocks), as stored; zeros from T on."""
+    r, w, k, v, a, b = xs
+    ok = t < T
+    p = off_x + t * HK + o_k3
+    m = m_k3 & ok
+    vs = ()
+    for c in tl.static_range(CPL):
+        vs = vs + (tl.load(v + off_y + t * HV + o_v[c], mask=m_v[c] & ok, other=0.0),)
+    return (
+        tl.load(r + p, mask=m, other=0),
+        tl.load(w + p, mask=m, other=0),
+        tl.load(k + p, mask=m, other=0),
+        tl.load(a + p, mask=m, other=0),
+        tl.load(b + p, mask=m, other=0),
+        vs,
+    )
+
+
+@triton.jit
+def _ks_widen(x, PAIRS: tl.constexpr):
+    """A loaded K-vector tile in fp32 ``[VL, KG, KS]``: int32 words of two bf16 (PAIRS, the
+    lower K index in the low half) widened with one shift or mask per value (a bf16 value
+    widened alone costs a byte permute as well), or a plain conversion."""
+    if PAIRS:
+        lo = (x << 16).to(tl.float32, bitcast=True)
+        hi = (x & -65536).to(tl.float32, bitcast=True)
+        y = tl.join(lo, hi)  # [VL, KG, KS / 2, 2]
+        return tl.reshape(y, [y.shape[0], y.shape[1], 2 * y.shape[2]])
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["T"])
+def wkv7_fwd_ks_kernel(
+    r,  # [B, T, H, K]
+    w,  # [B, T, H, K] log decay
+    k,  # [B, T, H, K]
+    v,  # [B, T, H, V]
+    a,  # [B, T, H, K]
+    b,  # [B, T, H, K]
+    o,  # [B, T, H, V] output
+    h0,  # [B, H, K, V] initial state (read when HAS_H0)
+    ht,  # [B, H, K, V] fp32 final state
+    ckpt,  # [B, H, NT, K, V] fp32 state before steps 0, CHUNK, ... (when STORE_CKPT)
+    scale,
+    T,
+    H,
+    K,
+    V,
+    KS: tl.constexpr,
+    KG: tl.constexpr,
+    VL: tl.constexpr,
+    CPL: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PF: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    PAIRS: tl.constexpr,
+):
+    """The recurrent forward (``wkv7_fwd_kernel``'s results) with K split into KG lane groups
+    of KS values per thread (config ``KS``) instead of across all 32 lanes: the state h^T of
+    CPL sub-blocks of VL V-columns, ``[VL, KG, KS]`` fp32 each. The per-step reductions over K
+    (sa = a^T h, o = h^T q) are then KS in-thread products and log2(KG) shuffle levels
+    instead of five, and the sub-blocks share the thread's K-vector loads, widening and exps.
+    Grid: (cdiv(V, VL * CPL), B * H)."""
+    i_v = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    HK = tl.cast(H, tl.int64) * K
+    HV = tl.cast(H, tl.int64) * V
+    off_x = i_b * T * HK + i_h * K
+    off_y = i_b * T * HV + i_h * V
+    vl = tl.arange(0, VL)
+    # [VL, KG, KS]: K index kg * KS + ks, the same for every V lane (KS contiguous: one vector
+    # load per thread, which gives the layout every per-step value keeps)
+    o_k3 = (vl[:, None, None] * 0 + tl.arange(0, KG)[None, :, None] * KS
+            + tl.arange(0, KS)[None, None, :])  # fmt: skip
+    m_k3 = o_k3 < K
+    zero = tl.load(w + off_x + o_k3, mask=m_k3 & (vl[:, None, None] < 0), other=0.0).to(
+        tl.float32)  # fmt: skip
+    if PAIRS:  # bf16 K-vectors as int32 words: offsets and masks in words (K and HK are even)
+        xs = (r.to(tl.pointer_type(tl.int32)), w.to(tl.pointer_type(tl.int32)),
+              k.to(tl.pointer_type(tl.int32)), v, a.to(tl.pointer_type(tl.int32)),
+              b.to(tl.pointer_type(tl.int32)))  # fmt: skip
+        o_kx = (vl[:, None, None] * 0 + tl.arange(0, KG)[None, :, None] * (KS // 2)
+                + tl.arange(0, KS // 2)[None, None, :])  # fmt: skip
+        m_kx = o_kx < K // 2
+        off_xx = off_x // 2
+        HKx = HK // 2
+    else:
+        xs = (r, w, k, v, a, b)
+        o_kx = o_k3
+        m_kx = m_k3
+        off_xx = off_x
+        HKx = HK
+    o_v = ()  # [VL] V columns of each sub-block
+    m_v = ()
+    o_h = ()  # [VL, KG, KS] offsets of h^T inside a [K, V] state
+    m_h = ()
+    h = ()
+    for c in tl.static_range(CPL):
+        ov = i_v * (VL * CPL) + c * VL + vl
+        o_v = o_v + (ov,)
+        m_v = m_v + (ov < V,)
+        o_h = o_h + (o_k3 * V + ov[:, None, None],)
+        m_h = m_h + (m_k3 & (ov < V)[:, None, None],)
+        hc = zero
+        if HAS_H0:
+            hc += tl.load(h0 + i_bh * K * V + o_h[c], mask=m_h[c], other=0.0).to(tl.float32)
+        h = h + (hc,)
+
+    NT = (T + CHUNK - 1) // CHUNK
+    q = ()
+    for j in tl.static_range(PF):
+        q = q + (_ks_load_step(xs, j, T, off_xx, HKx, o_kx, m_kx, off_y, HV, o_v, m_v, CPL,
+                               PAIRS),)  # fmt: skip
+    for t_blk in range(0, T, PF):
+        for j in tl.static_range(PF):
+            t = t_blk + j
+            x_r, x_w, x_k, x_a, x_b, x_v = q[j]
+            q = _queue_set(q, j, _ks_load_step(xs, t + PF, T, off_xx, HKx, o_kx, m_kx, off_y, HV,
+                                               o_v, m_v, CPL, PAIRS), PF)  # fmt: skip
+            # past T the inputs are zeros: decay 1, nothing added, so h stays as it is
+            b_d = tl.exp2(_ks_widen(x_w, PAIRS) * LOG2E)
+            b_a = _ks_widen(x_a, PAIRS)
+            b_b = _ks_widen(x_b, PAIRS)
+            b_k = _ks_widen(x_k, PAIRS)
+            b_q = _ks_widen(x_r, PAIRS) * scale
+            new_h = ()
+            for c in tl.static_range(CPL):
+                hc = h[c]
+                if STORE_CKPT:
+                    if (t % CHUNK == 0) & (t < T):
+                        tl.store(ckpt + (i_bh * NT + t // CHUNK) * K * V + o_h[c], hc,
+                                 mask=m_h[c])  # fmt: skip
+                b_sa = tl.sum(tl.sum(hc * b_a, 2), 1)  # [VL] a^T h_{t-1}
+                b_v = x_v[c].to(tl.float32)
+                hc = hc * b_d + b_sa[:, None, None] * b_b + b_v[:, None, None] * b_k
+                b_o = tl.sum(tl.sum(hc * b_q, 2), 1)  # [VL]
+                tl.store(o + off_y + t * HV + o_v[c], b_o.to(o.dtype.element_ty),
+                         mask=m_v[c] & (t < T))  # fmt: skip
+                new_h = new_h + (hc,)
+            h = new_h
+    for c in tl.static_range(CPL):
+        tl.store(ht + i_bh * K * V + o_h[c], h[c], mask=m_h[c])
 
 
 @triton.jit(do_not_specialize=["T"])

@@ -71,6 +71,25 @@ def wkv7_fwd(
     ht = empty((B, H, K, V), torch.float32, device)
     CK, BV = cfg["CHUNK"], cfg["BV"]
     ckpt = empty((B, H, cdiv(T, CK), K, V) if store_ckpt else (0,), torch.float32, device)
+    if cfg["MODE"] == "recurrent" and cfg.get("KS", 0):
+        # K in lane groups of KS values per thread (kernels.wkv7_fwd_ks_kernel)
+        BK = next_pow2(K)
+        KS = min(int(cfg["KS"]), BK)
+        KG = BK // KS
+        lanes = 32 * cfg["num_warps"]
+        if KG > lanes:
+            raise ValueError(f"wkv7 fwd config: KS={KS} leaves {KG} lane groups for K={K}, "
+                             f"more than {lanes} lanes")  # fmt: skip
+        VL = lanes // KG
+        CPL = max(1, BV // VL)
+        kernels.wkv7_fwd_ks_kernel[(cdiv(V, VL * CPL), B * H)](
+            r, w, k, v, a, b, o, h0 if h0 is not None else ht, ht, ckpt,
+            scale, T, H, K, V,
+            KS=KS, KG=KG, VL=VL, CPL=CPL, CHUNK=CK, PF=cfg["PF"],
+            HAS_H0=h0 is not None, STORE_CKPT=store_ckpt, PAIRS=_bf16_words(KS, r, w, k, a, b),
+            **_launch_opts(cfg),
+        )  # fmt: skip
+        return o, ht, ckpt
     if cfg["MODE"] == "recurrent":
         kernels.wkv7_fwd_kernel[(cdiv(V, BV), B * H)](
             r, w, k, v, a, b, o, h0 if h0 is not None else ht, ht, ckpt,
@@ -101,6 +120,14 @@ def wkv7_fwd(
         BK=BK, BV=BV, BT=BT, RATIO=ratio, PF=cfg["PF"], **_launch_opts(cfg),
     )  # fmt: skip
     return o, ht, ckpt
+
+
+def _bf16_words(KS: int, *xs: torch.Tensor) -> bool:
+    """Whether the KS kernel reads the K-vectors as int32 words of two bf16 (contiguous
+    ``[B, T, H, K]`` with K and KS even, 4-byte aligned)."""
+    return KS % 2 == 0 and all(
+        x.dtype == torch.bfloat16 and x.shape[-1] % 2 == 0 and x.data_ptr() % 4 == 0 for x in xs
+    )
 
 
 def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
