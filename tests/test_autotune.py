@@ -713,12 +713,14 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         )
         assert t.space(small, "float32", CPU_PROPS).params["MODE"] == ("recurrent", "chunked")
         assert t.space({**small, "K": 256}, "bfloat16", CPU_PROPS).params["MODE"] == ("recurrent",)
-        tc8 = {"MODE": "tc", "BV": 8, "num_warps": 4, "num_stages": 1, "BW": 16, "SW": 4}
+        ks0 = {"KS": 0} if op == "wkv7" else {}  # WKV-7's forward: the split-K knob
+        tc8 = {"MODE": "tc", "BV": 8, "num_warps": 4, "num_stages": 1, "BW": 16, "SW": 4, **ks0}
         assert not t.space(small, "bfloat16", CPU_PROPS).allows(tc8, small, CPU_PROPS)
         # the chunk length is tunable for the chunked families, a single point for recurrent
         space = t.space(small, "bfloat16", CPU_PROPS)
         assert space.params["BT"] == (32, 64, 128)
-        rec = {"MODE": "recurrent", "BV": 16, "num_warps": 1, "num_stages": 1, "BW": 16, "SW": 4}
+        rec = {"MODE": "recurrent", "BV": 16, "num_warps": 1, "num_stages": 1, "BW": 16, "SW": 4,
+               **ks0}  # fmt: skip
         assert space.allows({**rec, "BT": 64}, small, CPU_PROPS)
         assert not space.allows({**rec, "BT": 32}, small, CPU_PROPS)
         assert space.allows({**tc8, "BV": 16, "BT": 32}, small, CPU_PROPS)
@@ -728,6 +730,13 @@ def test_rwkv_spaces_offer_each_kernel_family_where_it_applies():
         assert space.allows({**rec, "BT": 64, "BW": 16, "SW": 4}, small, CPU_PROPS)
         assert not space.allows({**rec, "BT": 64, "BW": 16, "SW": 2}, small, CPU_PROPS)
         assert not space.allows({**rec, "BT": 64, "BW": 32, "SW": 4}, small, CPU_PROPS)
+        # KS (K in lane groups of KS per thread) is WKV-7's recurrent forward's alone
+        assert space.params.get("KS") == ((0, 4, 8, 16) if op == "wkv7" else None)
+        if op == "wkv7":
+            assert space.allows({**rec, "BT": 64, "KS": 8}, small, CPU_PROPS)
+            assert not space.allows({**rec, "BT": 64, "KS": 16, "num_warps": 1},
+                                    {**small, "K": 1024}, CPU_PROPS)  # 64 lane groups  # fmt: skip
+            assert not space.allows({**tc8, "BV": 16, "BT": 64, "KS": 8}, small, CPU_PROPS)
         # CARRY (the tc backward's program per chunk) is WKV-6's tc backward's alone
         bwd = spaces.get_tunable(op, "bwd").space(small, "bfloat16", CPU_PROPS)
         assert bwd.params.get("CARRY") == ((0, 1) if op == "wkv6" else None)
@@ -808,3 +817,16 @@ def _first_real() -> Tunable:
         if found:
             return found[0]
     pytest.skip("no real op is available yet")
+
+
+def test_scan_forward_space_serial_points():
+    # the serial forward: one canonical group tile, BLOCK_D filling the warps with 1, 2 or 4
+    # channels per thread (sub-blocks sharing the B/C rows)
+    t = spaces.get_tunable("selective_scan", "fwd")
+    shape = {**t.full_shape(t.test_shape), "dim": 64, "N": 16}
+    space = t.space(shape, "bfloat16", CPU_PROPS)
+    base = {"BLOCK_G": 2, "BLOCK_R": 4, "COLS": 1, "SERIAL": 1, "NSPLIT": 4, "num_warps": 1,
+            "num_stages": 1, "PREFETCH": 1}  # fmt: skip
+    for bd, allowed in [(8, True), (16, True), (32, True), (4, False)]:
+        assert space.allows({**base, "BLOCK_D": bd}, shape, CPU_PROPS) is allowed, bd
+    assert not space.allows({**base, "BLOCK_D": 8, "BLOCK_R": 8}, shape, CPU_PROPS)

@@ -247,6 +247,9 @@ def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, De
             return False  # BT, BW (chunk steps, columns) mean nothing to recurrent: one point
         if c["MODE"] != "tc" and c.get("SW", 4) != 4:
             return False  # SW (warps of tc's serial passes) is tc's alone: one point
+        ks = c.get("KS", 0)
+        if ks and (c["MODE"] != "recurrent" or ks > bk or bk // ks > 32 * nw):
+            return False  # KS (WKV-7's split-K recurrent forward): K in lane groups of KS
         if c["MODE"] == "tc":
             # the pair tiles live in registers whatever BV is: ptxas decides; only tl.dot's
             # minimum and the thread limit are known up front
@@ -274,6 +277,8 @@ def _rwkv_space(direction: str, op: str) -> Callable[[Mapping[str, int], str, De
             # chunked: columns per program of the chunk transition; tc: the V-block of the
             # serial state / cotangent passes, and their warps
             params["BW"] = tuple(b for b in (16, 32, 64) if b <= max(16, top))
+        if op == "wkv7" and direction == "fwd":
+            params["KS"] = (0, 4, 8, 16)  # 0: the state tile with K across the lanes
         if "tc" in modes:
             params["SW"] = (2, 4, 8)
             if direction == "bwd":
@@ -561,13 +566,13 @@ def _scan_space(direction: str) -> Callable[[Mapping[str, int], str, DeviceProps
             return False
         if direction == "fwd" and c.get("SERIAL", 0):
             # the serial family ignores the group tile: one canonical (G, R, COLS) point, the
-            # states of a channel in registers, and BLOCK_D filling the warps exactly (the
-            # launcher caps it there: a larger one is the same kernel)
+            # states of a channel in registers, and BLOCK_D filling the warps with 1, 2 or 4
+            # channels per thread (sub-blocks sharing the B/C rows; the launcher caps it at 4)
             nsplit = c["NSPLIT"]
             return (
                 (c["BLOCK_G"], c["BLOCK_R"], c["COLS"]) == (2, 4, 1)
                 and -(-s["N"] // nsplit) <= _SERIAL_N
-                and c["BLOCK_D"] * nsplit == 32 * c["num_warps"]
+                and c["BLOCK_D"] * nsplit in (32 * c["num_warps"] * m for m in (1, 2, 4))
                 and (not p.is_cuda or fits_threads(c["num_warps"], p))
             )
         if direction == "fwd" and c.get("NSPLIT", 4) != 4:

@@ -205,6 +205,8 @@ def default_config(
         }
         if direction == "fwd":
             cfg["CHUNK"] = default_chunk(T, K, V)
+            if op == "wkv7":
+                cfg["KS"] = 0
         else:
             # H100, 2026-12-07: the decay pass, WKV-6 bwd 3.94 -> 3.17 ms (4k), 15.8 -> 12.5
             # (16k); WKV-7 bwd 7.73 -> 6.89 (4k, eleventh session)
@@ -239,6 +241,10 @@ def default_config(
     }
     if direction == "fwd":
         cfg["CHUNK"] = default_chunk(T, K, V)
+        if op == "wkv7":
+            # WKV-7's split-K recurrent forward (``KS`` values of K per thread, K / KS lane
+            # groups; 0: K across the lanes): opt-in until timed
+            cfg["KS"] = 0
     else:
         cfg["CARRY"] = cfg["DPASS"] = 0
     return cfg
