@@ -53,8 +53,6 @@ SWEEPS = {
         {"MODE": "recurrent", "KS": 8, "BV": 8},
         {"MODE": "recurrent", "KS": 8, "BV": 16},
         {"MODE": "recurrent", "KS": 8, "BV": 4},
-        {"MODE": "recurrent", "KS": 4, "BV": 4},
-        {"MODE": "recurrent", "KS": 16, "BV": 8},
     ],
     "bwd": [
         {"CARRY": 1},
