@@ -223,8 +223,8 @@ def test_fast_activations_accuracy(device, approx):
     # lg2.approx's 2^-22 absolute (1.4e-6 relative at e = 1/8)
     if approx and device != "cuda":
         pytest.skip("lg2.approx is GPU-only")
-    x64 = np.concatenate([np.linspace(-80.0, 40.0, 4001),
-                          [np.log(0.125), np.log(0.125) + 1e-6, 20.0, np.nextafter(20.0, 30.0), 0.0]])  # fmt: skip
+    edges = [np.log(0.125), np.log(0.125) + 1e-6, 20.0, np.nextafter(20.0, 30.0), 0.0]
+    x64 = np.concatenate([np.linspace(-80.0, 40.0, 4001), edges])
     x = torch.tensor(x64, dtype=torch.float32, device=device)
     y, sig = torch.empty_like(x), torch.empty_like(x)
     _fast_act_probe[((x.numel() + 1023) // 1024,)](x, y, sig, x.numel(), APPROX=approx, BLOCK=1024)

@@ -107,7 +107,8 @@ def _softplus_fast(x, APPROX_LOG2: tl.constexpr):
     # ln 2 * log2(1 + e), e = 2^(x log2 e), with APPROX_LOG2 on the special-function unit
     # (lg2.approx, ~2^-22 absolute); below e = 1/8, where 1 + e would round away the digits,
     # log1p's series to e^7 (alternating: error below e^8 / 8, 6e-8 relative). ~18
-    # instructions against ~45 for ``_softplus``; relative error ~1e-6 (test_fast_activations_accuracy)
+    # instructions against ~45 for ``_softplus``; relative error ~1e-6
+    # (tests/test_selective_scan.py::test_fast_activations_accuracy)
     e = tl.exp2(tl.minimum(x, 20.0) * LOG2E)
     es = tl.minimum(e, 0.125)  # the series' argument, bounded where it is not used
     series = 0.14285715 * es - 0.16666667
