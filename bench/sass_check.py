@@ -8,6 +8,9 @@ specialisations.
         --cfg '{"fwd": {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 1},
                 "bwd": {"BLOCK_D": 4, "BLOCK_G": 8, "BLOCK_R": 16, "num_warps": 1}}'
 
+``SASS_CHECK_HIST=1`` adds the largest loop's opcode mix (``HIST``); ``SASS_CHECK_DUMP=dir``
+writes each kernel's TTGIR there and appends the SASS to ``dir/last.sass``.
+
 A stub driver reports an sm_90 target, and ``JITFunction.run`` compiles (``warmup``) instead of
 launching, so the launchers run unchanged on CPU tensors (bf16, B 1, T 256, H 2, K = V = 64 by
 default); each distinct compiled kernel goes through the Triton wheel's ``ptxas -v`` and
@@ -76,10 +79,19 @@ def _inspect(kernel, arch: str) -> tuple[str, str, int]:
     ops = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
     mix = {op: sum(o == op for o in ops) for op in ("BAR", "STS", "STSM", "LDS", "SHFL", "LDG", "MUFU", "REDG", "ATOMG")}
     # the largest loop: a branch back to an earlier address, (branch - target) / 16 instructions
-    loops = [(int(a, 16) - int(t, 16)) // 16
+    loops = [(int(a, 16), int(t, 16))
              for a, t in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)", sass)
              if int(t, 16) < int(a, 16) - 16]  # fmt: skip
-    mix["LOOP"] = max(loops, default=0)
+    big = max(loops, key=lambda at: at[0] - at[1], default=None)
+    mix["LOOP"] = (big[0] - big[1]) // 16 if big else 0
+    if big and os.environ.get("SASS_CHECK_HIST"):
+        # the largest loop's opcode mix (base opcodes, most frequent first): where its
+        # instructions go
+        body = [op.split(".")[0] for addr, op in re.findall(
+            r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+            if big[1] <= int(addr, 16) <= big[0]]  # fmt: skip
+        counts = sorted({op: body.count(op) for op in set(body)}.items(), key=lambda kv: -kv[1])
+        mix["HIST"] = " ".join(f"{op}:{n}" for op, n in counts[:24])
     return (
         regs.group(1) if regs else "?",
         spills.group(1) if spills else "?",
