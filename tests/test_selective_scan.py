@@ -171,7 +171,8 @@ def test_launch_configs_agree_with_reference(device, fwd_cfg, chunk, bwd_cfg, L)
      ("variable", "variable", True, 24, 16, -8, 1, torch.float16),
      ("grouped", "fixed", False, 0, 5, -4, 0, torch.float32),
      ("variable", "variable", True, 24, 16, -4, 0, torch.bfloat16),
-     ("grouped", "variable", False, 16, 5, 2, 1, torch.bfloat16)],
+     ("grouped", "variable", False, 16, 5, 2, 1, torch.bfloat16),
+     ("variable", "grouped", True, 0, 16, 4, 1, torch.bfloat16)],  # odd L: bf16 B/C as is
 )  # fmt: skip
 def test_serial_forward_matches_group_kernel(device, bk, ck, h0, seg, N, nsplit, pf, dtype):
     # SERIAL=1: a channel's states on NSPLIT lanes walk the steps one by one, segments
