@@ -104,7 +104,9 @@ def default_config(
     - ``SERIAL`` (forward only): 1 takes the serial family (``selective_scan_fwd_serial_kernel``):
       a channel's states on ``NSPLIT`` lanes walk the steps one by one, no group scan; ``SEG``
       steps per segment (0: automatic), segments chained by an end-state pass and a combine
-      kernel. ``BLOCK_G``, ``BLOCK_R`` and ``COLS`` are then unused. The CUDA default when
+      kernel. ``BLOCK_G``, ``BLOCK_R`` and ``COLS`` are then unused. ``BLOCK_D`` above
+      ``32 * num_warps / NSPLIT`` (up to 4x) gives each thread that many channels, sub-blocks
+      that share its B/C loads (``CPL``; opt-in, untimed). The CUDA default when
       ``ceil(N / NSPLIT) <= MAX_SERIAL_N`` and ``serial``; a config or tuned entry without
       ``SERIAL`` is a group-scan tile (``resolve_config``).
     - ``num_warps``, ``num_stages``: as usual.
