@@ -70,10 +70,15 @@ def _rwkv(op):
     return resolve
 
 
-def _rwkv_default(direction, shape):
-    from scanopt.ops._rwkv_common import default_config
+def _rwkv_default(op):
+    def default(direction, shape):
+        from scanopt.ops._rwkv_common import default_config
 
-    return default_config(direction, T=shape["T"], K=shape["K"], V=shape["V"], dtype=torch.float32)
+        return default_config(
+            direction, T=shape["T"], K=shape["K"], V=shape["V"], dtype=torch.float32, op=op
+        )
+
+    return default
 
 
 def _attn(direction, shape):
@@ -103,10 +108,10 @@ ATTN_SHAPE = {"B": 1, "H": 2, "L": 40, "D": 32, "causal": 1, "seq": 1}
 CASES = [
     ("wkv4", "fwd", WKV4_SHAPE, _wkv4, _wkv4_default, {"chunk": 32, "block_t": 8, "num_warps": 2}),
     ("wkv4", "bwd", WKV4_SHAPE, _wkv4, _wkv4_default, {"block_t": 4, "scan_warps": 2}),
-    ("wkv6", "fwd", RWKV_SHAPE, _rwkv("wkv6"), _rwkv_default, {"BV": 8, "num_warps": 2}),
-    ("wkv6", "bwd", RWKV_SHAPE, _rwkv("wkv6"), _rwkv_default, {"BV": 8, "num_stages": 2}),
-    ("wkv7", "fwd", RWKV_SHAPE, _rwkv("wkv7"), _rwkv_default, {"BV": 8, "num_warps": 2}),
-    ("wkv7", "bwd", RWKV_SHAPE, _rwkv("wkv7"), _rwkv_default, {"BV": 8, "num_stages": 2}),
+    ("wkv6", "fwd", RWKV_SHAPE, _rwkv("wkv6"), _rwkv_default("wkv6"), {"BV": 8, "num_warps": 2}),
+    ("wkv6", "bwd", RWKV_SHAPE, _rwkv("wkv6"), _rwkv_default("wkv6"), {"BV": 8, "num_stages": 2}),
+    ("wkv7", "fwd", RWKV_SHAPE, _rwkv("wkv7"), _rwkv_default("wkv7"), {"BV": 8, "num_warps": 2}),
+    ("wkv7", "bwd", RWKV_SHAPE, _rwkv("wkv7"), _rwkv_default("wkv7"), {"BV": 8, "num_stages": 2}),
     ("attention", "fwd", ATTN_SHAPE, _attn, _attn_default, {"BLOCK_M": 16, "num_warps": 2}),
     ("attention", "bwd", ATTN_SHAPE, _attn, _attn_default, {"BLOCK_N_Q": 32, "num_warps_q": 2}),
 ]
