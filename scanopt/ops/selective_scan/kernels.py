@@ -33,6 +33,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.jit import constexpr_function
 
+from scanopt.ops._bf16 import widen_bf16_words
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -498,13 +500,10 @@ def _serial_loads(t0, t_stop, u_base, dt_base, B_base, C_base, md, col_d, lane_n
 @triton.jit
 def _widen_pairs(words, T: tl.constexpr):
     """T fp32 rows from a tile of T/2 int32 words, each two bf16 steps (the earlier step in
-    the low half): one shift or mask per value, where widening bf16 values one by one costs a
-    byte permute each as well."""
+    the low half; ``widen_bf16_words``)."""
     rows = ()
     for i in tl.static_range(T // 2):
-        w = words[i]
-        rows = rows + ((w << 16).to(tl.float32, bitcast=True),
-                       (w & -65536).to(tl.float32, bitcast=True))  # fmt: skip
+        rows = rows + widen_bf16_words(words[i])
     return rows
 
 

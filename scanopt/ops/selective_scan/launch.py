@@ -373,11 +373,16 @@ def serial_segment(cfg: dict, *, batch: int, dim: int, L: int, block_t: int, nsp
     return cdiv(seg, block_t) * block_t
 
 
+def serial_lanes(cfg: dict, nsplit: int) -> int:
+    """Channel lanes of a serial-family program: one channel per NSPLIT lanes."""
+    return max(1, 32 * cfg["num_warps"] // nsplit)
+
+
 def serial_channels(cfg: dict, nsplit: int, dim: int, bcb: tuple, bcc: tuple,
                     per_lane: int = 1) -> int:  # fmt: skip
     """Channels per program of the serial families: ``BLOCK_D``, at most ``per_lane`` channels
-    per NSPLIT lanes (``32 * num_warps * per_lane / NSPLIT``), inside one group of B and C."""
-    block = min(cfg["BLOCK_D"], max(1, 32 * cfg["num_warps"] * per_lane // nsplit))
+    per channel lane (``serial_lanes``), inside one group of B and C."""
+    block = min(cfg["BLOCK_D"], serial_lanes(cfg, nsplit) * per_lane)
     return _group_aligned_block(block, dim, bcb, bcc)
 
 
@@ -413,8 +418,7 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     # up to 4 channels per thread (CPL sub-blocks of one channel per NSPLIT lanes): they share
     # the thread's B/C loads and conversions
     BD = serial_channels(cfg, nsplit, dim, bcb, bcc, per_lane=4)
-    lanes_d = max(1, 32 * cfg["num_warps"] // nsplit)
-    cpl = max(1, BD // lanes_d)
+    cpl = max(1, BD // serial_lanes(cfg, nsplit))
     seg = serial_segment(cfg, batch=batch, dim=dim, L=L, block_t=block_t, nsplit=nsplit)
     n_seg = cdiv(L, seg)
     n_ck = cdiv(L, chunk) if store_ckpt else 0

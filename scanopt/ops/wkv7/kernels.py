@@ -47,6 +47,7 @@ before steps 0, CHUNK, 2 CHUNK, ... in a ``[B, H, NT, K, V]`` tensor.
 import triton
 import triton.language as tl
 
+from scanopt.ops._bf16 import widen_bf16_words
 from scanopt.ops._tc_helpers import (
     block_decay,
     decay_to_end,
@@ -295,11 +296,9 @@ def _ks_load_step(xs, t, T, off_x, HK, o_k3, m_k3, off_y, HV, o_v, m_v, CPL: tl.
 @triton.jit
 def _ks_widen(x, PAIRS: tl.constexpr):
     """A loaded K-vector tile in fp32 ``[VL, KG, KS]``: int32 words of two bf16 (PAIRS, the
-    lower K index in the low half) widened with one shift or mask per value (a bf16 value
-    widened alone costs a byte permute as well), or a plain conversion."""
+    lower K index in the low half; ``widen_bf16_words``), or a plain conversion."""
     if PAIRS:
-        lo = (x << 16).to(tl.float32, bitcast=True)
-        hi = (x & -65536).to(tl.float32, bitcast=True)
+        lo, hi = widen_bf16_words(x)
         y = tl.join(lo, hi)  # [VL, KG, KS / 2, 2]
         return tl.reshape(y, [y.shape[0], y.shape[1], 2 * y.shape[2]])
     else:
