@@ -12,8 +12,10 @@ kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of
 = the chunk length with 4 and 8 warps; ``bwd`` = WKV-6's backward switches (``CARRY``: a
 program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
 at 8 warps; ``dpass`` = the backward's decay pass (WKV-6's default, WKV-7's opt-in) on and off,
-and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``ks`` = WKV-7's split-K
-recurrent forward (``KS``, ``BV``); ``recfwd`` = the recurrent
+and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``bt16`` = the backward's serial
+cotangent pass over every 16-step block (BT 16, NB 1: no chunk adjoints, no fill) at three
+V-block widths, and BT 32; ``ks`` = WKV-7's split-K
+recurrent forward (``KS``, ``BV``; with the default backward); ``recfwd`` = the recurrent
 family's V-block and prefetch depth (for its forward time: the tc backward reads its
 checkpoints). A config whose outputs or gradients
 differ from the tc default's beyond bf16 rounding is reported ``DIFF`` and not timed. Not part of
@@ -46,13 +48,19 @@ SWEEPS = {
         {"MODE": "recurrent", "BV": 16},
         {"MODE": "recurrent", "PF": 8},
     ],
+    "bt16": [
+        {"BT": 16},
+        {"BT": 16, "BW": 16, "SW": 4},
+        {"BT": 16, "BW": 32, "SW": 4},
+        {"BT": 32},
+    ],
     "warps": [{"num_warps": 2}, {"num_warps": 2, "BV": 32}, {"BV": 32}],
     # WKV-7's split-K recurrent forward (KS values of K per thread; both directions take
     # MODE, so read the fwd column: the backward is the recurrent one)
     "ks": [
-        {"MODE": "recurrent", "KS": 8, "BV": 8},
-        {"MODE": "recurrent", "KS": 8, "BV": 16},
-        {"MODE": "recurrent", "KS": 8, "BV": 4},
+        {"MODE": "recurrent", "KS": 8, "BV": 8, "FWD_ONLY": 1},
+        {"MODE": "recurrent", "KS": 8, "BV": 16, "FWD_ONLY": 1},
+        {"MODE": "recurrent", "KS": 8, "BV": 4, "FWD_ONLY": 1},
     ],
     "bwd": [
         {"CARRY": 1},
@@ -82,7 +90,9 @@ def probe(op: str, L: int, configs: list[dict]) -> None:
         # each direction takes its own keys (CARRY is the backward's alone)
         if cfg is None:
             return None, None
-        return _rwkv_common.direction_config(cfg, "fwd"), _rwkv_common.direction_config(cfg, "bwd")
+        # FWD_ONLY: the row's keys are the forward's; the backward is the default one
+        bwd_cfg = None if cfg.get("FWD_ONLY") else _rwkv_common.direction_config(cfg, "bwd")
+        return _rwkv_common.direction_config(cfg, "fwd"), bwd_cfg
 
     def run(cfg: dict | None):
         cf, cb = split(cfg)
