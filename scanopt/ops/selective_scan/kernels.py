@@ -1584,6 +1584,7 @@ def selective_state_update_kernel(
     BLOCK_N: tl.constexpr,
     DIM_FIRST: tl.constexpr,
     WIDE: tl.constexpr,
+    FAST_ACT: tl.constexpr = 0,
 ):
     """One decode step: state = state * exp(dt A) + dt x B; out = (state . C + D x) * silu(z).
 
@@ -1593,6 +1594,8 @@ def selective_state_update_kernel(
     updated in fp32 and written back in place; a negative ``state_batch_indices`` entry skips the
     row (out = 0). Offsets are 32-bit unless ``WIDE`` (some tensor spans 2^31 elements): 48 of
     360 SASS instructions at the anchor shape were 64-bit index arithmetic (sm_90a).
+    ``FAST_ACT`` (16-bit dt and x, as the scan kernels'): ``_softplus_fast`` and ``_sigmoid``'s
+    approximate reciprocal, shorter on the step's dependent chain (dt -> decay -> state -> out).
     """
     if DIM_FIRST:
         pid_d = tl.program_id(0)
@@ -1641,7 +1644,10 @@ def selective_state_update_kernel(
             tl.float32
         )
     if SOFTPLUS:
-        dt = _softplus(dt)
+        if FAST_ACT:
+            dt = _softplus_fast(dt, FAST_ACT == 2)
+        else:
+            dt = _softplus(dt)
     A = tl.load(
         A_ptr + pid_h * s_A_h + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n,
         mask=mask_dn,
@@ -1665,7 +1671,7 @@ def selective_state_update_kernel(
         z = tl.load(
             z_ptr + pid_b * s_z_b + pid_h * s_z_h + offs_d * s_z_d, mask=mask_d, other=0.0
         ).to(tl.float32)
-        out = out * z * tl.sigmoid(z)
+        out = out * z * _sigmoid(z, FAST_ACT)
     if HAS_IDX:
         out = tl.where(live, out, 0.0)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)

@@ -800,6 +800,7 @@ def selective_state_update(
         SOFTPLUS=bool(dt_softplus), HAS_IDX=state_batch_indices is not None,
         BLOCK_D=BD, BLOCK_N=next_pow2(N), DIM_FIRST=dim_first,
         WIDE=_wide(state, x, dt, z, out),  # A, B, C, D, dt_bias: (heads, dim, N) at most
+        FAST_ACT=fast_act(dt) if x.element_size() <= 2 else 0,
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out
