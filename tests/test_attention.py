@@ -32,6 +32,9 @@ FA_CASES = [
     ("window_right_only_q_gt_k", 1, 2, 1, 130, 63, 32, 32, {"window": (-1, 5)}),
     ("softcap_causal", 1, 2, 1, 63, 90, 64, 64, {"softcap": 2.5, "causal": True}),
     ("dv_ne_d_scale", 1, 2, 1, 50, 70, 32, 48, {"softmax_scale": 0.3}),
+    # a negative scale: the forward keeps the scaled scores (SCALE_IN_EXP is off: its row max
+    # of the raw scores needs a positive scale)
+    ("negative_scale_causal", 1, 2, 1, 63, 70, 32, 32, {"softmax_scale": -0.4, "causal": True}),
 ]
 
 # (id, B, Hq, Hk, Lq, Lk, D, options) for the SDPA contract (causal aligned top-left)

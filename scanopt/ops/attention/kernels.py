@@ -120,6 +120,7 @@ def _fwd_inner(
     USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    SCALE_IN_EXP: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -132,21 +133,30 @@ def _fwd_inner(
         else:
             k = _load_tile(k_ptr, offs_n, offs_d, stride_kl, Lk - start_n, D, MASKED, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        # SCALE_IN_EXP (qk_scale > 0, no softcap): s stays raw; the row max is taken before
+        # scaling (a positive scale commutes with max, rounding included) and the scale goes
+        # into exp2's argument, one FFMA per score instead of an FMUL and an FFMA
         if SOFTCAP:
             s = cap2 * _tanh(s * qk_scale)
-        else:
+        elif not SCALE_IN_EXP:
             s = s * qk_scale
         if MASKED:
             cols = start_n + offs_n
             rel = cols[None, :] - rows[:, None] - diag
             ok = (rel >= -left) & (rel <= right) & (cols < Lk)[None, :]
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if SCALE_IN_EXP:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
             m_use = m_new
-        p = tl.exp2(s - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        if SCALE_IN_EXP:
+            p = tl.exp2(s * qk_scale - m_use[:, None])  # [BLOCK_M, BLOCK_N]
+        else:
+            p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)  # [BLOCK_M]
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
@@ -203,6 +213,7 @@ def attn_fwd_kernel(
     USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    SCALE_IN_EXP: tl.constexpr = False,
 ):
     # heaviest row blocks (causal: the last ones) first
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -243,7 +254,7 @@ def attn_fwd_kernel(
             acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, b32, hk32, stride_kl, stride_vl,
             rows, start_n, end_n, Lk, D, DV, qk_scale, cap2, diag, left, right, BLOCK_N,
             BLOCK_D, BLOCK_DV, phase != 1, EVEN_D, EVEN_DV, SOFTCAP, USE_TMA, PRECISION,
-            WARP_SPECIALIZE and phase == 1,
+            WARP_SPECIALIZE and phase == 1, SCALE_IN_EXP,
         )  # fmt: skip
 
     empty = l_i == 0.0
