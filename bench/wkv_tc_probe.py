@@ -13,8 +13,8 @@ kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of
 program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
 at 8 warps; ``dpass`` = the backward's decay pass (WKV-6's default, WKV-7's opt-in) on and off,
 and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``bt16`` = the backward's serial
-cotangent pass over every 16-step block (BT 16, NB 1: no chunk adjoints, no fill) at three
-V-block widths, and BT 32; ``ks`` = WKV-7's split-K
+cotangent pass over every 16-step block (BT 16, NB 1: no chunk adjoints, no fill) at two
+V-block widths, BT 32, and the block kernels at 8 warps; ``ks`` = WKV-7's split-K
 recurrent forward (``KS``, ``BV``; with the default backward); ``recfwd`` = the recurrent
 family's V-block and prefetch depth (for its forward time: the tc backward reads its
 checkpoints). A config whose outputs or gradients
@@ -51,8 +51,8 @@ SWEEPS = {
     "bt16": [
         {"BT": 16},
         {"BT": 16, "BW": 16, "SW": 4},
-        {"BT": 16, "BW": 32, "SW": 4},
         {"BT": 32},
+        {"num_warps": 8},
     ],
     "warps": [{"num_warps": 2}, {"num_warps": 2, "BV": 32}, {"BV": 32}],
     # WKV-7's split-K recurrent forward (KS values of K per thread; both directions take
