@@ -12,9 +12,9 @@ kernels' warps and the chunk length (``num_warps``, ``BT``); ``quick`` = four of
 = the chunk length with 4 and 8 warps; ``bwd`` = WKV-6's backward switches (``CARRY``: a
 program per chunk; ``DPASS``: decays from a decay pass) at 4 and 8 warps, and the serial passes
 at 8 warps; ``dpass`` = the backward's decay pass (WKV-6's default, WKV-7's opt-in) on and off,
-and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``bt16`` = the backward's serial
-cotangent pass over every 16-step block (BT 16, NB 1: no chunk adjoints, no fill) at two
-V-block widths, BT 32, and the block kernels at 8 warps; ``ks`` = WKV-7's split-K
+and at 8 warps; ``warps`` = the block kernels at 2 warps and BV 32; ``bt16`` = WKV-7's backward:
+``DPASS`` 2 (every kernel reads the decay pass's rows), the serial cotangent pass over every
+16-step block (BT 16, NB 1: no chunk adjoints, no fill), both, BT 32, and 8 warps; ``ks`` = WKV-7's split-K
 recurrent forward (``KS``, ``BV``; with the default backward); ``recfwd`` = the recurrent
 family's V-block and prefetch depth (for its forward time: the tc backward reads its
 checkpoints). A config whose outputs or gradients
@@ -49,8 +49,9 @@ SWEEPS = {
         {"MODE": "recurrent", "PF": 8},
     ],
     "bt16": [
+        {"DPASS": 2},
         {"BT": 16},
-        {"BT": 16, "BW": 16, "SW": 4},
+        {"DPASS": 2, "BT": 16},
         {"BT": 32},
         {"num_warps": 8},
     ],

@@ -193,42 +193,48 @@ def test_wkv7_tc_factored_pairs_agree_with_the_exact_path(device, blockwise_deca
 
 
 @pytest.mark.parametrize(
-    "w_dtype,K,V",
+    "w_dtype,K,V,dpass,bt",
     [
-        (torch.float16, 16, 32),
-        (torch.float32, 16, 16),
-        (torch.float16, 64, 32),
-        (torch.float16, 20, 24),
+        (torch.float16, 16, 32, 1, 64),
+        (torch.float32, 16, 16, 2, 64),
+        (torch.float16, 64, 32, 1, 64),
+        (torch.float16, 64, 32, 2, 16),
+        (torch.float16, 20, 24, 2, 64),
     ],
 )
 def test_wkv7_tc_decay_pass_matches_reference(device, force_rwkv_mode, blockwise_decay, w_dtype,
-                                              K, V):  # fmt: skip
+                                              K, V, dpass, bt):  # fmt: skip
     """``DPASS=1``: a decay pass writes each 16-step block's log decays and the gradient kernel
-    reads them (and its neighbouring b / k / a / q / w rows) from memory. "blockwise" puts both
+    reads them (and its neighbouring b / k / a / q / w rows) from memory; ``DPASS=2``: the
+    bprep kernel and the serial cotangent passes read them too (BT 64: the chunk adjoints and
+    the per-chunk fill; BT 16: one pass over every block). "blockwise" puts both
     decay paths in one chunk (fp16 w: each launch skips the other's blocks; fp32 w: the exact
     path everywhere); T = 90 ends in a partial block; V = 32 in two V-blocks (partial sums);
     K = 64 takes two 32-wide K slices on the factored path; K = 20, V = 24 masked lanes."""
-    force_rwkv_mode("tc", BV=16, DPASS=1)
+    force_rwkv_mode("tc", BV=16, DPASS=dpass, BT=bt)
     x = op.make_inputs(1, 90, 2 if K < 64 else 1, K, V, dtype=torch.float16, device=device,
                        decay="rwkv7", w_dtype=w_dtype, initial_state=True, seed=K + V)  # fmt: skip
     blockwise_decay(x, strong_block=2)
-    op.check_case(x, f"tc-dpass-{w_dtype}-K{K}-V{V}").assert_ok()
+    op.check_case(x, f"tc-dpass{dpass}-{w_dtype}-K{K}-V{V}-BT{bt}").assert_ok()
 
 
 def test_wkv7_tc_decay_pass_agrees_with_the_in_kernel_scans(device):
-    """DPASS 0 and 1 compute the same values (the same log decays, read instead of formed):
-    every gradient within fp16 rounding of the other, on a block-crossing T."""
-    x = op.make_inputs(1, 50, 1, 16, 32, dtype=torch.float16, device=device, decay="mixed",
+    """DPASS 0, 1 and 2 compute the same values (the same log decays, read instead of formed):
+    every gradient within fp16 rounding of DPASS 0's, on a block-crossing T, with the chunked
+    serial passes (BT 64, three chunks) and with one pass over every block (BT 16)."""
+    x = op.make_inputs(1, 150, 1, 16, 32, dtype=torch.float16, device=device, decay="mixed",
                        w_dtype=torch.float16, initial_state=True, seed=21)  # fmt: skip
     args, h0 = [x[n] for n in NAMES], x["initial_state"]
     _, _, ck = launch.wkv7_fwd(*args, 1.0, h0, True, {"MODE": "tc"})
-    runs = [
-        launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, {"MODE": "tc", "DPASS": d})
-        for d in (0, 1)
-    ]
-    for name, g0, g1 in zip([*NAMES, "h0"], *runs, strict=True):
-        err = float((g1.float() - g0.float()).norm() / g0.float().norm())
-        assert err < 2e-3, (name, err)
+    configs = [{"DPASS": 1}, {"DPASS": 2}, {"DPASS": 2, "BT": 16}]
+    base, *runs = (
+        launch.wkv7_bwd(x["do"], x["dht"], *args, 1.0, h0, ck, 16, {"MODE": "tc", "DPASS": 0, **c})
+        for c in [{}, *configs]
+    )
+    for cfg, run in zip(configs, runs, strict=True):
+        for name, g0, g1 in zip([*NAMES, "h0"], base, run, strict=True):
+            err = float((g1.float() - g0.float()).norm() / g0.float().norm())
+            assert err < 2e-3, (cfg, name, err)
 
 
 def test_wkv7_tc_dw_stays_fp32_exact_under_strong_decay(device):

@@ -144,7 +144,8 @@ def default_config(
       a scan, row shifts and a reduction per block inside it (WKV-6, sm_90a: 1.2 KB -> 0.4 KB of
       spills at 4 warps). WKV-6's default since 2026-12-07 (H100, bf16, B 4, H 32, K 64:
       backward 1.24x / 1.27x faster at 4k / 16k); WKV-7's since the eleventh session (same
-      GPU and shape, 4k: backward 7.73 -> 6.89 ms, 1.12x).
+      GPU and shape, 4k: backward 7.73 -> 6.89 ms, 1.12x). WKV-7's 2 (opt-in, untimed): the
+      bprep kernel and the serial cotangent passes read the same rows too.
     - ``PF``: steps of inputs the serial loops keep in flight (prefetch queue depth; the
       recurrent loops are unrolled by PF so each queue slot keeps its register), 1..16; the
       recurrent backward, unrolled over the checkpointed pieces, uses gcd(PF, CHUNK).
@@ -369,8 +370,10 @@ def _resolve(op, direction, config, T, K, V, dtype, B, H, device, w_dtype=None) 
     if cfg["MODE"] not in MODES:
         raise ValueError(f"{op} {direction} config: MODE must be one of {MODES}, got {cfg}")
     for key in ("CARRY", "DPASS"):  # tc backward switches (CARRY: WKV-6's alone)
-        if cfg.get(key, 0) not in (0, 1):
-            raise ValueError(f"{op} {direction} config: {key} must be 0 or 1, got {cfg}")
+        allowed = (0, 1, 2) if key == "DPASS" and op == "wkv7" else (0, 1)
+        if cfg.get(key, 0) not in allowed:
+            want = "0, 1 or 2" if len(allowed) == 3 else "0 or 1"
+            raise ValueError(f"{op} {direction} config: {key} must be {want}, got {cfg}")
         if cfg.get(key, 0) and key == "CARRY" and (op != "wkv6" or cfg["MODE"] != "tc"):
             raise ValueError(f"{op} {direction} config: CARRY 1 is WKV-6's tc backward's: {cfg}")
         if cfg.get(key, 0) and cfg["MODE"] != "tc":

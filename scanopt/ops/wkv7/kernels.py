@@ -1200,6 +1200,8 @@ def wkv7_tc_bprep_kernel(
     w,  # [B, T, H, K]
     a,  # [B, T, H, K]
     b,  # [B, T, H, K]
+    gi,  # [B, H, NS * BC, K] fp32 inclusive log decays from each block's start (GREAD)
+    gr,  # [B, H, NS * BC, K] fp32 log decay from after each step to its block's end (GREAD)
     z1,  # [B, H, NS, BC, BC] fp32
     z2,  # [B, H, NS, BC, K] fp32
     scale,
@@ -1210,7 +1212,10 @@ def wkv7_tc_bprep_kernel(
     BC: tl.constexpr,
     PATH: tl.constexpr,
     PREC: tl.constexpr,
+    GREAD: tl.constexpr = False,
 ):
+    # GREAD (the backward's DPASS 2): the block's log decays are read from the decay pass's rows
+    # (tc_cumsum_kernel) instead of formed with a scan, a row shift and a reduction
     i_s = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -1222,18 +1227,29 @@ def wkv7_tc_bprep_kernel(
     m_x = ((i_s * BC + o_i) < T)[:, None] & (o_k < K)[None, :]
     p_x = i_b * T * HK + i_h * K + (i_s * BC + o_i[:, None]) * HK + o_k[None, :]
     b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
-    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
     b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
 
-    b_g = tl.cumsum(b_w, axis=0)
-    b_e = prev_rows(b_g, BC)
-    if other_path(block_decay(b_g, BC), PATH):
-        return  # the other launch's block
+    if GREAD:
+        m_k = o_k < K
+        o_g = (i_bh * NS * BC + i_s * BC + o_i[:, None]) * K + o_k[None, :]  # [BC, BK]
+        b_g, b_e = read_block_decays(gi, o_g, m_k, o_i, K)
+        b_gl = tl.load(gi + (i_bh * NS * BC + i_s * BC + BC - 1) * K + o_k, mask=m_k, other=0.0)
+        if other_path(tl.min(b_gl, axis=0), PATH):
+            return  # the other launch's block
+    else:
+        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+        b_g = tl.cumsum(b_w, axis=0)
+        b_e = prev_rows(b_g, BC)
+        if other_path(block_decay(b_g, BC), PATH):
+            return  # the other launch's block
     b_Aab = decayed_pairs(b_a, b_e, b_b, b_g, o_i[:, None] > o_i[None, :], PATH == 1, PREC)
     b_Aqb = decayed_pairs(b_q, b_g, b_b, b_g, o_i[:, None] >= o_i[None, :], PATH == 1, PREC)
     b_inv = unit_lower_inverse(b_Aab, BC)
-    b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
+    if GREAD:  # summed from the block end (one-step exact)
+        b_tail = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
+    else:
+        b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
     b_z1 = tl.dot(tl.trans(b_inv), tl.trans(b_Aqb), input_precision="ieee")  # [BC, BC]
     b_z2 = tl.dot(tl.trans(b_inv), b_b * b_tail, input_precision="ieee")  # [BC, BK]
     blk = i_bh * NS + i_s
@@ -1248,13 +1264,29 @@ def _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC: tl.constexpr, 
     (scaled) / log decays / a ``[BC, BK]`` and the bprep kernel's Z1 ``[BC, BC]``, Z2
     ``[BC, BK]``: dSA = Z1 dO + Z2 D, D' = exp(gL) D + (q exp(g))^T dO + (a exp(e))^T dSA."""
     b_g = tl.cumsum(b_w, axis=0)
-    b_e = prev_rows(b_g, BC)
-    b_gl = last_row(b_g, BC)
+    return _tc_block_cotangent_g(b_d, b_do, b_q, b_g, prev_rows(b_g, BC), last_row(b_g, BC),
+                                 b_a, b_z1, b_z2, PREC)  # fmt: skip
+
+
+@triton.jit
+def _tc_block_cotangent_g(b_d, b_do, b_q, b_g, b_e, b_gl, b_a, b_z1, b_z2, PREC: tl.constexpr):
+    """:func:`_tc_block_cotangent` from the block's log decays: inclusive ``b_g``, exclusive
+    ``b_e`` ``[BC, BK]`` and the last row ``b_gl`` ``[BK]``."""
     b_dsa = tl.dot(b_z1, b_do, input_precision=PREC) + tl.dot(b_z2, b_d, input_precision=PREC)
     b_d = b_d * tl.exp(b_gl)[:, None]
     b_d += tl.dot(tl.trans(b_q * tl.exp(b_g)), b_do, input_precision=PREC)
     b_d += tl.dot(tl.trans(b_a * tl.exp(b_e)), b_dsa, input_precision=PREC)
     return b_d
+
+
+@triton.jit
+def _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC: tl.constexpr):
+    """Block ``blk``'s (= bh * NS + block) log decays from the decay pass's rows ``gi``:
+    inclusive ``g`` and exclusive ``e`` ``[BC, BK]`` and the last row ``[BK]``."""
+    o_g = (blk * BC + o_i[:, None]) * K + o_k[None, :]
+    b_g, b_e = read_block_decays(gi, o_g, m_k, o_i, K)
+    b_gl = tl.load(gi + (blk * BC + BC - 1) * K + o_k, mask=m_k, other=0.0)
+    return b_g, b_e, b_gl
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -1268,6 +1300,7 @@ def wkv7_tc_dstate_kernel(
     dht,  # [B, H, K, V] cotangent of the final state (read when HAS_DHT); NB > 0: [B, H, NT, K, V]
     dbuf,  # [B, H, NS, K, V] fp32: cotangent of the state after every block
     dh0,  # [B, H, K, V] cotangent of the initial state (written when HAS_H0)
+    gi,  # [B, H, NS * BC, K] fp32 inclusive log decays from each block's start (GREAD)
     scale,
     T,
     H,
@@ -1280,6 +1313,7 @@ def wkv7_tc_dstate_kernel(
     HAS_DHT: tl.constexpr,
     HAS_H0: tl.constexpr,
     PREC: tl.constexpr,
+    GREAD: tl.constexpr = False,
 ):
     # NB = 0: one program per (V-block, batch-head) walks every block back from dht (serial)
     # and writes dh0. NB > 0: one program per (chunk of NB blocks, V-block; grid axis 0) walks
@@ -1321,7 +1355,6 @@ def wkv7_tc_dstate_kernel(
         m_x = m_t[:, None] & m_k[None, :]
         p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
         b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
-        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
         b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
         b_do = tl.load(
             do + i_b * T * HV + i_h * V + (n * BC + o_i[:, None]) * HV + o_v[None, :],
@@ -1330,7 +1363,12 @@ def wkv7_tc_dstate_kernel(
         ).to(tl.float32)
         b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
         b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
-        b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+        if GREAD:
+            b_g, b_e, b_gl = _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC)
+            b_d = _tc_block_cotangent_g(b_d, b_do, b_q, b_g, b_e, b_gl, b_a, b_z1, b_z2, PREC)
+        else:
+            b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+            b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
     if NB == 0:
         if HAS_H0:
             tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
@@ -1349,6 +1387,7 @@ def wkv7_tc_adjoint_kernel(
     z2,  # [B, H, NS, BC, K] fp32
     p,  # [B, H, NT, K, K] fp32: the chunk transitions P_c (h_end = P_c h_start + ...)
     y,  # [B, H, NT, K, V] fp32: cotangent of chunk c's start state from its own outputs
+    gi,  # [B, H, NS * BC, K] fp32 inclusive log decays from each block's start (GREAD)
     scale,
     T,
     H,
@@ -1359,6 +1398,7 @@ def wkv7_tc_adjoint_kernel(
     BC: tl.constexpr,
     NB: tl.constexpr,
     PREC: tl.constexpr,
+    GREAD: tl.constexpr = False,
 ):
     # The block cotangent step (_tc_block_cotangent) run back over chunk c from the augmented
     # columns [I | 0] (giving P_c^T) and [0 | do] (giving Y_c), BW columns per program: the
@@ -1387,7 +1427,6 @@ def wkv7_tc_adjoint_kernel(
         m_x = m_t[:, None] & m_k[None, :]
         p_x = i_b * T * HK + i_h * K + (n * BC + o_i[:, None]) * HK + o_k[None, :]
         b_q = tl.load(r + p_x, mask=m_x, other=0.0).to(tl.float32) * scale
-        b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
         b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
         b_do = tl.load(
             do + i_b * T * HV + i_h * V + (n * BC + o_i[:, None]) * HV + (col - K)[None, :],
@@ -1396,7 +1435,12 @@ def wkv7_tc_adjoint_kernel(
         ).to(tl.float32)  # [BC, BW], zero in the identity columns
         b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
         b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
-        b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+        if GREAD:
+            b_g, b_e, b_gl = _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC)
+            b_d = _tc_block_cotangent_g(b_d, b_do, b_q, b_g, b_e, b_gl, b_a, b_z1, b_z2, PREC)
+        else:
+            b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+            b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
     base = (i_bh * NT + i_c).to(tl.int64)
     # column j < K of the result is row j of P_c (the result is P_c^T there)
     tl.store(p + base * K * K + col[None, :] * K + o_k[:, None], b_d,

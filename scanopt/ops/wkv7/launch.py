@@ -237,26 +237,35 @@ def wkv7_bwd(
         serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
         z1 = torch.empty((B, H, NS, CKPT_CHUNK, CKPT_CHUNK), dtype=torch.float32, device=device)
         z2 = torch.empty((B, H, NS, CKPT_CHUNK, K), dtype=torch.float32, device=device)
+        # DPASS 1: the gradient kernel reads the decay pass's rows; 2: the bprep kernel and the
+        # serial cotangent passes too (configs stored before the key existed lack it)
+        dpass = int(cfg.get("DPASS", 0))
+        gread = dpass == 2
+        gi = gr = z1  # (unread without DPASS)
+        if dpass:  # the block-relative log decays, once, for the kernels after it to read
+            gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
+            gr = torch.empty_like(gi)
+            tc_cumsum_kernel[(NS, B * H)](w, gi, gr, T, H, K, BK=BK, BT=CKPT_CHUNK, **opts)
         for path in block_paths(w):
             kernels.wkv7_tc_bprep_kernel[(NS, B * H)](
-                r, w, a, b, z1, z2, scale, T, H, K,
-                BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
+                r, w, a, b, gi, gr, z1, z2, scale, T, H, K,
+                BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, GREAD=gread, **opts,
             )  # fmt: skip
         dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
         NB = cfg["BT"] // CKPT_CHUNK  # blocks per chunk of the serial pass
         if NB == 1:  # the cotangent pass walks every block
             kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
-                r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, scale,
+                r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, gi, scale,
                 T, H, K, V, BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=0, HAS_DHT=dht is not None,
-                HAS_H0=h0 is not None, PREC=prec, **serial_opts,
+                HAS_H0=h0 is not None, PREC=prec, GREAD=gread, **serial_opts,
             )  # fmt: skip
         else:  # chunk adjoints in parallel, the serial pass per chunk, then the blocks between
             NT = cdiv(NS, NB)
             p = torch.empty((B, H, NT, K, K), dtype=torch.float32, device=device)
             y = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
             kernels.wkv7_tc_adjoint_kernel[(NT, cdiv(K + V, cfg["BV"]), B * H)](
-                r, w, a, do, z1, z2, p, y, scale, T, H, K, V,
-                BK=BK, BW=cfg["BV"], BC=CKPT_CHUNK, NB=NB, PREC=prec, **opts,
+                r, w, a, do, z1, z2, p, y, gi, scale, T, H, K, V,
+                BK=BK, BW=cfg["BV"], BC=CKPT_CHUNK, NB=NB, PREC=prec, GREAD=gread, **opts,
             )  # fmt: skip
             dhend = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
             kernels.wkv7_chunk_state_bwd_kernel[(cdiv(V, cfg["BW"]), B * H)](
@@ -265,22 +274,16 @@ def wkv7_bwd(
                 HAS_H0=h0 is not None, **serial_opts,
             )  # fmt: skip
             kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]) * NT, B * H)](
-                r, w, a, do, z1, z2, dhend, dbuf, dh0, scale, T, H, K, V,
+                r, w, a, do, z1, z2, dhend, dbuf, dh0, gi, scale, T, H, K, V,
                 BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=NB, HAS_DHT=True, HAS_H0=False,
-                PREC=prec, **opts,
+                PREC=prec, GREAD=gread, **opts,
             )  # fmt: skip
-        dpass = bool(cfg.get("DPASS", 0))  # configs stored before the key existed lack it
-        gi = gr = dbuf  # (unread without DPASS)
-        if dpass:  # the block-relative log decays, once, for the gradient kernel to read
-            gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
-            gr = torch.empty_like(gi)
-            tc_cumsum_kernel[(NS, B * H)](w, gi, gr, T, H, K, BK=BK, BT=CKPT_CHUNK, **opts)
         for path in block_paths(w):
             kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
                 r, w, k, v, a, b, do, ckpt, dbuf, gi, gr, dr, dw, dk, da, db, dv, scale,
                 T, H, K, V, B * T * H * K if NV > 1 else 0,
                 BK=BK, BKC=min(BK, 32 if path == 1 else 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
-                DPASS=dpass, PREC=block_precision(r, w), **opts,
+                DPASS=dpass > 0, PREC=block_precision(r, w), **opts,
             )  # fmt: skip
     elif not chunked:
         BK = next_pow2(K)
