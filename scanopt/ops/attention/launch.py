@@ -294,7 +294,7 @@ def attention_fwd(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, EVEN_D=bd == d, EVEN_DV=bdv == dv,
         SOFTCAP=softcap > 0, USE_TMA=use_tma, PRECISION=_precision(q.dtype),
         WARP_SPECIALIZE=bool(cfg.get("WARP_SPECIALIZE", False)) and use_tma and not interpreting(),
-        SCALE_IN_EXP=softcap <= 0 and scale > 0,
+        SCALE_IN_EXP=softcap <= 0 and float(scale) > 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, lse
