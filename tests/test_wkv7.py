@@ -69,18 +69,21 @@ def test_wkv7_odd_heads(device, mode, B, T, H, K, V, decay):
         (100, 32, 40, torch.bfloat16, 8, 16, "mixed"),  # bf16 words; CPL 2, a partial V-block
         (17, 64, 64, torch.float16, 16, 8, "rwkv7"),  # 4 lane groups of 16
         (45, 20, 24, torch.bfloat16, 4, 4, "weak"),  # K not a power of two (masked lanes)
+        (33, 32, 24, torch.float16, 0, 8, "mixed"),  # KS 0: the plain kernel, against the reference
     ],
 )
 def test_wkv7_split_k_forward(device, force_rwkv_mode, T, K, V, dtype, ks, bv, decay):
     # KS: the recurrent forward with K in lane groups of KS values per thread
-    # (wkv7_fwd_ks_kernel); its checkpoints feed the default backward of the dtype. Against
-    # the reference (every gradient), and against the default recurrent forward: the same
-    # outputs, final state and checkpoints up to fp32 summation order
+    # (wkv7_fwd_ks_kernel; the default for K <= 64 since the thirteenth session); its
+    # checkpoints feed the default backward of the dtype. Against the reference (every
+    # gradient), and against the plain recurrent forward (KS 0): the same outputs, final state
+    # and checkpoints up to fp32 summation order
     x = op.make_inputs(1, T, 2, K, V, dtype=dtype, device=device, decay=decay,
                        w_dtype=_w_dtype(dtype), initial_state=True, seed=K + T)  # fmt: skip
     args = [x[n] for n in NAMES]
     cfg = {"MODE": "recurrent", "KS": ks, "BV": bv, "PF": 3}
-    want = launch.wkv7_fwd(*args, 1.0, x["initial_state"], True, {"MODE": "recurrent"})
+    plain = {"MODE": "recurrent", "KS": 0}  # K across the lanes (wkv7_fwd_kernel)
+    want = launch.wkv7_fwd(*args, 1.0, x["initial_state"], True, plain)
     got = launch.wkv7_fwd(*args, 1.0, x["initial_state"], True, cfg)
     tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
     for g, w_, name in zip(got, want, ("o", "ht", "ckpt"), strict=True):

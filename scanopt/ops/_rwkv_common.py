@@ -244,8 +244,11 @@ def default_config(
         cfg["CHUNK"] = default_chunk(T, K, V)
         if op == "wkv7":
             # WKV-7's split-K recurrent forward (``KS`` values of K per thread, K / KS lane
-            # groups; 0: K across the lanes): opt-in until timed
-            cfg["KS"] = 0
+            # groups; 0: K across the lanes). H100, bf16, B 4, H 32, K = V = 64, 4k (thirteenth
+            # session, wkv7.md): forward 3.39 -> 2.08 ms at KS 8 / BV 8 (BV 4: 2.57, 16: 2.85).
+            # K > 64 keeps 0: its two-warp programs would split the lane groups across warps
+            # (sm_90a, K 128: 128 barriers and 152 B of spills per block); untimed
+            cfg["KS"] = 8 if BK <= 64 else 0
     else:
         cfg["CARRY"] = cfg["DPASS"] = 0
     return cfg
