@@ -1289,6 +1289,21 @@ def _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC: tl.constexpr):
     return b_g, b_e, b_gl
 
 
+@triton.jit
+def _tc_block_back(b_d, b_do, b_q, b_a, w, p_x, m_x, z1, z2, gi, blk, o_i, o_k, m_k, K,
+                   BC: tl.constexpr, PREC: tl.constexpr, GREAD: tl.constexpr):  # fmt: skip
+    """One block of the serial cotangent passes (``blk`` = bh * NS + block): its Z1 / Z2 and
+    log decays (read from the decay pass's rows with ``GREAD``, else formed from ``w``), then
+    :func:`_tc_block_cotangent`."""
+    b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
+    b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
+    if GREAD:
+        b_g, b_e, b_gl = _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC)
+        return _tc_block_cotangent_g(b_d, b_do, b_q, b_g, b_e, b_gl, b_a, b_z1, b_z2, PREC)
+    b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
+    return _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+
+
 @triton.jit(do_not_specialize=["T"])
 def wkv7_tc_dstate_kernel(
     r,  # [B, T, H, K]
@@ -1361,14 +1376,8 @@ def wkv7_tc_dstate_kernel(
             mask=m_t[:, None] & m_v[None, :],
             other=0.0,
         ).to(tl.float32)
-        b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
-        b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
-        if GREAD:
-            b_g, b_e, b_gl = _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC)
-            b_d = _tc_block_cotangent_g(b_d, b_do, b_q, b_g, b_e, b_gl, b_a, b_z1, b_z2, PREC)
-        else:
-            b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
-            b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+        b_d = _tc_block_back(b_d, b_do, b_q, b_a, w, p_x, m_x, z1, z2, gi, blk, o_i, o_k, m_k, K,
+                             BC, PREC, GREAD)  # fmt: skip
     if NB == 0:
         if HAS_H0:
             tl.store(dh0 + i_bh * K * V + o_h, b_d.to(dh0.dtype.element_ty), mask=m_h)
@@ -1433,14 +1442,8 @@ def wkv7_tc_adjoint_kernel(
             mask=m_t[:, None] & m_y[None, :],
             other=0.0,
         ).to(tl.float32)  # [BC, BW], zero in the identity columns
-        b_z1 = tl.load(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :])
-        b_z2 = tl.load(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], mask=m_k[None, :])
-        if GREAD:
-            b_g, b_e, b_gl = _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC)
-            b_d = _tc_block_cotangent_g(b_d, b_do, b_q, b_g, b_e, b_gl, b_a, b_z1, b_z2, PREC)
-        else:
-            b_w = tl.load(w + p_x, mask=m_x, other=0.0).to(tl.float32)
-            b_d = _tc_block_cotangent(b_d, b_do, b_q, b_w, b_a, b_z1, b_z2, BC, PREC)
+        b_d = _tc_block_back(b_d, b_do, b_q, b_a, w, p_x, m_x, z1, z2, gi, blk, o_i, o_k, m_k, K,
+                             BC, PREC, GREAD)  # fmt: skip
     base = (i_bh * NT + i_c).to(tl.int64)
     # column j < K of the result is row j of P_c (the result is P_c^T there)
     tl.store(p + base * K * K + col[None, :] * K + o_k[:, None], b_d,
