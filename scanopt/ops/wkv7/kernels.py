@@ -1230,11 +1230,10 @@ def wkv7_tc_bprep_kernel(
     b_a = tl.load(a + p_x, mask=m_x, other=0.0).to(tl.float32)
     b_b = tl.load(b + p_x, mask=m_x, other=0.0).to(tl.float32)
 
+    blk = i_bh * NS + i_s
     if GREAD:
         m_k = o_k < K
-        o_g = (i_bh * NS * BC + i_s * BC + o_i[:, None]) * K + o_k[None, :]  # [BC, BK]
-        b_g, b_e = read_block_decays(gi, o_g, m_k, o_i, K)
-        b_gl = tl.load(gi + (i_bh * NS * BC + i_s * BC + BC - 1) * K + o_k, mask=m_k, other=0.0)
+        b_g, b_e, b_gl = _block_decay_rows(gi, blk, o_i, o_k, m_k, K, BC)
         if other_path(tl.min(b_gl, axis=0), PATH):
             return  # the other launch's block
     else:
@@ -1247,12 +1246,12 @@ def wkv7_tc_bprep_kernel(
     b_Aqb = decayed_pairs(b_q, b_g, b_b, b_g, o_i[:, None] >= o_i[None, :], PATH == 1, PREC)
     b_inv = unit_lower_inverse(b_Aab, BC)
     if GREAD:  # summed from the block end (one-step exact)
+        o_g = (blk * BC + o_i[:, None]) * K + o_k[None, :]  # [BC, BK]
         b_tail = tl.exp(tl.load(gr + o_g, mask=m_k[None, :], other=0.0))
     else:
         b_tail = tl.exp(last_row(b_g, BC)[None, :] - b_g)
     b_z1 = tl.dot(tl.trans(b_inv), tl.trans(b_Aqb), input_precision="ieee")  # [BC, BC]
     b_z2 = tl.dot(tl.trans(b_inv), b_b * b_tail, input_precision="ieee")  # [BC, BK]
-    blk = i_bh * NS + i_s
     tl.store(z1 + blk * BC * BC + o_i[:, None] * BC + o_i[None, :], b_z1)
     tl.store(z2 + blk * BC * K + o_i[:, None] * K + o_k[None, :], b_z2, mask=(o_k < K)[None, :])
 
