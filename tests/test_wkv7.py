@@ -580,13 +580,14 @@ def test_wkv7_gpu_many_programs(gpu_mode):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dpass", [1, 2])
 @pytest.mark.parametrize("T,dtype", [(4096, torch.bfloat16), (300, torch.float16)])
-def test_wkv7_gpu_tc_decay_pass(force_rwkv_mode, T, dtype):
-    """The tc backward's decay pass (``DPASS=1``, opt-in) at the default block sizes."""
-    force_rwkv_mode("tc", DPASS=1)
+def test_wkv7_gpu_tc_decay_pass(force_rwkv_mode, T, dtype, dpass):
+    """The tc backward's decay pass (``DPASS`` 1 or 2, opt-in) at the default block sizes."""
+    force_rwkv_mode("tc", DPASS=dpass)
     x = op.make_inputs(2, T, 2, 64, dtype=dtype, device="cuda", decay="mixed",
                        w_dtype=_w_dtype(dtype), initial_state=True, seed=T + 1)  # fmt: skip
-    op.check_case(x, f"T{T}-{dtype}-dpass").assert_ok()
+    op.check_case(x, f"T{T}-{dtype}-dpass{dpass}").assert_ok()
 
 
 @pytest.mark.gpu
