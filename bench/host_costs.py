@@ -85,6 +85,22 @@ def main() -> None:
         d = TensorDescriptor(tile, list(tile.shape), list(tile.stride()), [16, 64])
         _nop_desc[(1,)](x, d, 1024, BLOCK=1024)
 
+    # the launch without JITFunction.run's Python (binder, cache key, knobs, grid, hooks): what a
+    # launcher caching the CompiledKernel per its own key could save (wkv4.md, fourteenth session)
+    many_args = (x, *ptrs, 1024, *ints, 1024, True, False)
+    compiled = _nop_many[(1,)](*many_args[:-3], BLOCK=1024, F1=True, F2=False)
+    raw_stream = torch._C._cuda_getCurrentRawStream
+    dev = torch.cuda.current_device()
+
+    def launch_direct():
+        compiled.run(1, 1, 1, raw_stream(dev), compiled.function, compiled.packed_metadata, None,
+                     None, None, *many_args)  # fmt: skip
+
+    binder = _nop_many.device_caches[dev][4]
+
+    def binder_only():
+        binder(*many_args[:-3], BLOCK=1024, F1=True, F2=False)
+
     def autograd_round_trip():
         y = _Identity.apply(leaf)
         y.backward(g)
@@ -95,6 +111,8 @@ def main() -> None:
         "x.add_(1) (one ATen launch)": lambda: x.add_(1),
         "triton launch, 2 runtime args": lambda: _nop_few[(1,)](x, 1024, BLOCK=1024),
         "triton launch, 33 runtime args": launch_many,
+        "triton launch, 33 runtime args, CompiledKernel.run direct": launch_direct,
+        "triton binder alone, 33 runtime args": binder_only,
         "triton launch, 1 host TensorDescriptor": launch_desc,
         "autograd.Function fwd+bwd (identity)": autograd_round_trip,
         "torch.cuda.current_stream()": torch.cuda.current_stream,

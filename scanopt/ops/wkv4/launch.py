@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from scanopt._env import interpreting
+from scanopt._launch import launch
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.autotune import resolve_config as tuned_config
@@ -248,7 +249,9 @@ def wkv4_fwd(
     if NC > 1:
         summ = empty((B, NC, 3, C), torch.float32, device)
         sidx = empty((B, NC, C), torch.int32, device)
-        wkv4_fwd_summary_kernel[(NC, cdiv(C, cfg["sum_block_c"]), B)](
+        launch(
+            wkv4_fwd_summary_kernel,
+            (NC, cdiv(C, cfg["sum_block_c"]), B),
             key,
             value,
             td,
@@ -267,7 +270,9 @@ def wkv4_fwd(
             FAST=fast,
             num_warps=cfg["sum_warps"],
         )
-        wkv4_fwd_scan_kernel[(cdiv(C, cfg["scan_block_c"]), B)](
+        launch(
+            wkv4_fwd_scan_kernel,
+            (cdiv(C, cfg["scan_block_c"]), B),
             summ,
             sidx,
             td,
@@ -285,7 +290,9 @@ def wkv4_fwd(
             NUM_STAGES=cfg["scan_stages"],
             num_warps=cfg["scan_warps"],
         )
-    wkv4_fwd_out_kernel[(NC, cdiv(C, cfg["block_c"]), B)](
+    launch(
+        wkv4_fwd_out_kernel,
+        (NC, cdiv(C, cfg["block_c"]), B),
         key,
         value,
         td,
@@ -353,7 +360,9 @@ def wkv4_bwd(
 
     sub = empty((B, NC * (chunk // block_t), 3, C), torch.float32, device)
     rsum = empty((B, NC, 5, C), torch.float32, device)
-    wkv4_bwd_summary_kernel[(NC, cdiv(C, cfg["sum_block_c"]), B)](
+    launch(
+        wkv4_bwd_summary_kernel,
+        (NC, cdiv(C, cfg["sum_block_c"]), B),
         key,
         value,
         grad_out,
@@ -381,7 +390,9 @@ def wkv4_bwd(
     gstate = empty((3, B, C), torch.float32, device) if state is not None else None
     gpt = empty((B, C), torch.float32, device)
     gwx = empty((B, C), torch.float32, device)
-    wkv4_bwd_scan_kernel[(cdiv(C, cfg["scan_block_c"]), B)](
+    launch(
+        wkv4_bwd_scan_kernel,
+        (cdiv(C, cfg["scan_block_c"]), B),
         rsum,
         final,
         fidx,
@@ -405,7 +416,9 @@ def wkv4_bwd(
     gv = empty((B, T, C), value.dtype, device)
     gw_part = empty((B, NC, C), torch.float32, device)
     gu_part = empty((B, NC, C), torch.float32, device)
-    wkv4_bwd_grad_kernel[(NC, cdiv(C, cfg["block_c"]), B)](
+    launch(
+        wkv4_bwd_grad_kernel,
+        (NC, cdiv(C, cfg["block_c"]), B),
         key,
         value,
         grad_out,
@@ -441,7 +454,19 @@ def wkv4_bwd(
     )
     g_td = empty((C,), time_decay.dtype, device)
     g_tf = empty((C,), time_first.dtype, device)
-    wkv4_bwd_param_kernel[(cdiv(C, _PARAM_BLOCK_C),)](
-        gw_part, gu_part, gwx, td, g_td, g_tf, B * NC, B, C, BLOCK_C=_PARAM_BLOCK_C, num_warps=4
+    launch(
+        wkv4_bwd_param_kernel,
+        (cdiv(C, _PARAM_BLOCK_C),),
+        gw_part,
+        gu_part,
+        gwx,
+        td,
+        g_td,
+        g_tf,
+        B * NC,
+        B,
+        C,
+        BLOCK_C=_PARAM_BLOCK_C,
+        num_warps=4,
     )
     return g_td, g_tf, gk, gv, gstate

@@ -1,0 +1,89 @@
+"""Direct launches (``scanopt._launch``) against ``kernel[grid]``: the host time of one public
+fwd+bwd and its ``do_bench`` median, both ways in one process (GPU required). Not part of the
+package.
+
+    PYTHONPATH=$PWD python bench/launch_probe.py [--ops wkv4] [--L 1024]
+
+Each line: the op, the mode, the median host time to issue one fwd+bwd (no sync inside the
+timed region; the GPU work is shorter than the host's at these shapes, so the queue never
+fills) and ``do_bench``'s median (L2 flushed before each call, as ``scanopt bench`` does), both
+in microseconds; the two modes alternate twice so drift shows. The outputs and gradients of the
+two modes are compared bit for bit first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import triton
+
+import scanopt
+import scanopt._launch as fast
+
+
+def _case(op: str, L: int):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*s, dt=torch.bfloat16):
+        return torch.randn(*s, generator=g, device="cuda").to(dt).requires_grad_()
+
+    if op == "wkv4":
+        td, tf = r(2048, dt=torch.float32), r(2048, dt=torch.float32)
+        k, v = r(4, L, 2048), r(4, L, 2048)
+        return (lambda: scanopt.wkv4(td, tf, k, v)[0]), (td, tf, k, v)
+    raise ValueError(op)
+
+
+def _host_us(fn, n: int = 300) -> float:
+    for _ in range(30):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(ts) * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="wkv4")
+    p.add_argument("--L", type=int, default=1024)
+    args = p.parse_args()
+    print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, L {args.L}")
+    for op in args.ops.split(","):
+        fwd, leaves = _case(op, args.L)
+
+        def fb():
+            out = fwd()
+            out.backward(torch.ones_like(out))
+            for t in leaves:
+                t.grad = None
+
+        grads = {}
+        for direct in (False, True):
+            fast.DIRECT = direct
+            for _ in range(2):  # the second call of each mode takes the cached path
+                for t in leaves:
+                    t.grad = None
+                out = fwd()
+                out.backward(torch.ones_like(out))
+            grads[direct] = [out.detach().clone()] + [t.grad.clone() for t in leaves]
+        same = all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+        print(f"{op}: direct and kernel[grid] give identical outputs and gradients: {same}")
+        for direct in (False, True, False, True):
+            fast.DIRECT = direct
+            host = _host_us(fb)
+            bench = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median") * 1e3
+            mode = "direct" if direct else "kernel[grid]"
+            print(f"{op:8s} {mode:13s} host {host:8.1f} us   do_bench {bench:8.1f} us")
+        fast.DIRECT = True
+
+
+if __name__ == "__main__":
+    main()
