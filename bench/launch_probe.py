@@ -34,6 +34,23 @@ def _case(op: str, L: int):
         td, tf = r(2048, dt=torch.float32), r(2048, dt=torch.float32)
         k, v = r(4, L, 2048), r(4, L, 2048)
         return (lambda: scanopt.wkv4(td, tf, k, v)[0]), (td, tf, k, v)
+    if op == "wkv7":
+        x = [r(4, L, 32, 64) for _ in range(6)]
+        with torch.no_grad():
+            x[1].copy_(-torch.nn.functional.softplus(x[1].float()) - 0.5)  # log decays < 0
+            x[4].copy_(torch.nn.functional.normalize(x[4].float(), dim=-1))
+            x[5].copy_(-x[4].float() * 0.5)
+        return (lambda: scanopt.wkv7(*x)[0]), tuple(x)
+    if op == "selective_scan":
+        u, dt, z = r(4, 2048, L), r(4, 2048, L), r(4, 2048, L)
+        A = (-torch.rand(2048, 16, generator=g, device="cuda") - 0.5).requires_grad_()
+        B, C = r(4, 16, L), r(4, 16, L)
+        D = r(2048, dt=torch.float32)
+        bias = r(2048, dt=torch.float32)
+        return (
+            lambda: scanopt.selective_scan_fn(u, dt, A, B, C, D=D, z=z, delta_bias=bias,
+                                              delta_softplus=True)
+        ), (u, dt, A, B, C, D, z, bias)  # fmt: skip
     raise ValueError(op)
 
 
@@ -59,7 +76,7 @@ def main() -> None:
     for op in args.ops.split(","):
         fwd, leaves = _case(op, args.L)
 
-        def fb():
+        def fb(fwd=fwd, leaves=leaves):
             out = fwd()
             out.backward(torch.ones_like(out))
             for t in leaves:

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from scanopt._launch import launch
 from scanopt._triton_compat import ensure_interpreter_compat
 
 
@@ -41,7 +42,14 @@ def sum_partials(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if n:
         ensure_interpreter_compat()
         block = 1024
-        sum_partials_kernel[(triton.cdiv(n, block),)](
-            parts, out, n, parts.shape[0], BLOCK=block, num_warps=4
+        launch(
+            sum_partials_kernel,
+            (triton.cdiv(n, block),),
+            parts,
+            out,
+            n,
+            parts.shape[0],
+            BLOCK=block,
+            num_warps=4,
         )
     return out

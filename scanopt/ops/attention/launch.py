@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from scanopt._env import interpreting
+from scanopt._launch import launch
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.autotune import resolve_config as tuned_config
@@ -286,7 +287,7 @@ def attention_fwd(
     desc_k = _descriptor(k, bn, bd) if use_tma else k
     desc_v = _descriptor(v, bn, bdv) if use_tma else v
     grid = (_cdiv(lq, bm), bsz * hq)
-    kernels.attn_fwd_kernel[grid](
+    launch(kernels.attn_fwd_kernel, grid,
         q, k, v, out, lse, desc_k, desc_v,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         hq, hq // hk, lq, lk, d, dv,
@@ -347,7 +348,7 @@ def attention_bwd(
 
     delta = empty((bsz, hq, lq), torch.float32, q.device)
     bpre = cfg["BLOCK_M_PRE"]
-    kernels.attn_bwd_preprocess_kernel[(_cdiv(lq, bpre), bsz * hq)](
+    launch(kernels.attn_bwd_preprocess_kernel, (_cdiv(lq, bpre), bsz * hq),
         out, dout, dlse.contiguous() if dlse is not None else lse, delta,
         *_strides3(out), *_strides3(dout), hq, lq, dv_,
         BLOCK_M=bpre, BLOCK_DV=bdv, HAS_DLSE=dlse is not None,
@@ -357,7 +358,7 @@ def attention_bwd(
     bm, bn = cfg["BLOCK_M_KV"], cfg["BLOCK_N_KV"]
     desc_q = _descriptor(q, bm, bd) if use_tma else q
     desc_do = _descriptor(dout, bm, bdv) if use_tma else dout
-    kernels.attn_bwd_dkdv_kernel[(_cdiv(lk, bn), bsz * hk)](
+    launch(kernels.attn_bwd_dkdv_kernel, (_cdiv(lk, bn), bsz * hk),
         q, k, v, dout, lse, delta, dk, dv, desc_q, desc_do,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk),
         *_strides3(dv), hk, group, lq, lk, d, dv_,
@@ -369,7 +370,7 @@ def attention_bwd(
     bm, bn = cfg["BLOCK_M_Q"], cfg["BLOCK_N_Q"]
     desc_k = _descriptor(k, bn, bd) if use_tma else k
     desc_v = _descriptor(v, bn, bdv) if use_tma else v
-    kernels.attn_bwd_dq_kernel[(_cdiv(lq, bm), bsz * hq)](
+    launch(kernels.attn_bwd_dq_kernel, (_cdiv(lq, bm), bsz * hq),
         q, k, v, dout, lse, delta, dq, desc_k, desc_v,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
         hq, group, lq, lk, d, dv_,

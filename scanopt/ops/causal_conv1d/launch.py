@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from scanopt._launch import launch
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.ops._rwkv_common import cdiv, next_pow2
@@ -45,7 +46,7 @@ def causal_conv1d_fwd(x, weight, bias, init, silu: bool, config: dict | None = N
     out = empty((B, D, L), x.dtype, x.device)
     if B * D * L:
         grid = (B, cdiv(D, cfg["block_d"]), cdiv(L, cfg["block_l"]))
-        causal_conv1d_fwd_kernel[grid](
+        launch(causal_conv1d_fwd_kernel, grid,
             x, init_c if init_c is not None else x, weight, bias if bias is not None else weight,
             out, D, L, *x.stride(),
             WIDTH=width, HAS_INIT=init_c is not None, HAS_BIAS=bias is not None, SILU=silu,
@@ -71,14 +72,14 @@ def causal_conv1d_bwd(dout, dfinal, x, weight, bias, init, silu: bool, config: d
     db_part = torch.zeros((B, NL, D), dtype=f32, device=x.device)
     dxp = empty((B, D, L + width - 1), f32, x.device)
     if B * D * L:
-        causal_conv1d_bwd_g_kernel[(B, cdiv(D, bd), NL)](
+        launch(causal_conv1d_bwd_g_kernel, (B, cdiv(D, bd), NL),
             dout, x, init_c if init_c is not None else x, weight_c,
             bias if bias is not None else weight_c, g, dw_part, db_part,
             D, L, NL, *x.stride(), *dout.stride(),
             WIDTH=width, HAS_INIT=init_c is not None, HAS_BIAS=bias is not None, SILU=silu,
             BLOCK_D=bd, BLOCK_L=bl, num_warps=cfg["num_warps"],
         )  # fmt: skip
-        causal_conv1d_bwd_dx_kernel[(B, cdiv(D, bd), cdiv(L + width - 1, bl))](
+        launch(causal_conv1d_bwd_dx_kernel, (B, cdiv(D, bd), cdiv(L + width - 1, bl)),
             g, weight_c, dxp, D, L, WIDTH=width, BLOCK_D=bd, BLOCK_L=bl,
             num_warps=cfg["num_warps"],
         )  # fmt: skip

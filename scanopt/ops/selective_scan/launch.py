@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from scanopt._env import interpreting
+from scanopt._launch import launch
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.autotune import resolve_config as tuned_config
@@ -320,7 +321,7 @@ def selective_scan_fwd(
     state = empty((batch, N, dim), torch.float32, u.device)
     ckpt = empty((batch, n_ck, N, dim), torch.float32, u.device)
     grid = (batch, cdiv(dim, BD))
-    selective_scan_fwd_kernel[grid](
+    launch(selective_scan_fwd_kernel, grid,
         u, delta, A, B, C, D, z, delta_bias, initial_state, out, state, ckpt,
         dim, L, N, n_ck, bcb[2], bcc[2],
         *u.stride(), *delta.stride(), *_opt_strides(z, 3),
@@ -449,13 +450,13 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
     if n_seg > 1:
         hend = empty((batch, n_seg - 1, N, dim), f32, dev)
         dtsum = empty((batch, n_seg - 1, dim), f32, dev)
-        selective_scan_fwd_serial_kernel[(n_dblk, n_seg - 1, batch)](
+        launch(selective_scan_fwd_serial_kernel, (n_dblk, n_seg - 1, batch),
             u, delta, A, B, C, D, z, delta_bias, None, hend, dtsum, out, state, ckpt,
             dim, L, seg, n_ck, chunk, bcb[2], bcc[2], *strides, *hs_strides,
             PASS=1, HAS_HS=False, STORE_CKPT=False, **common,
         )  # fmt: skip
         hs = empty((batch, n_seg, dim, N), f32, dev)
-        selective_scan_fwd_combine_kernel[(cdiv(dim, 128), batch)](
+        launch(selective_scan_fwd_combine_kernel, (cdiv(dim, 128), batch),
             A, initial_state, hend, dtsum, hs, dim, N, n_seg, n_seg - 1, *A.stride(),
             *_opt_strides(initial_state, 3), HAS_H0=initial_state is not None, BLOCK_D=128,
             num_warps=4,
@@ -465,7 +466,7 @@ def _fwd_serial(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softpl
         hs = initial_state  # (batch, dim, N): the one segment starts from it
         hs_strides = (initial_state.stride(0), 0, initial_state.stride(1),
                       initial_state.stride(2))  # fmt: skip
-    selective_scan_fwd_serial_kernel[(n_dblk, n_seg, batch)](
+    launch(selective_scan_fwd_serial_kernel, (n_dblk, n_seg, batch),
         u, delta, A, B, C, D, z, delta_bias, hs, hend, dtsum, out, state, ckpt,
         dim, L, seg, n_ck, chunk if store_ckpt else block_t, bcb[2], bcc[2], *strides,
         *hs_strides, PASS=2, HAS_HS=hs is not None, STORE_CKPT=bool(store_ckpt), **common,
@@ -657,7 +658,7 @@ def _bwd_serial(dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state,
     # each program's block start states for one checkpoint chunk (written and read back by it)
     scratch = empty((batch, n_dblk, chunk // block_t, npt, BD * nsplit), f32, dev)
     ckpt = ckpt.contiguous()
-    selective_scan_bwd_serial_kernel[(n_dblk, batch)](
+    launch(selective_scan_bwd_serial_kernel, (n_dblk, batch),
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, initial_state, ckpt, scratch,
         du, ddelta, dz, dh0, dA, dB, dC, dD, dbias,
         dim, L, n_ck, chunk, bcb[2], bcc[2], bcb[1], bcc[1],
@@ -716,7 +717,7 @@ def _bwd_launch(
     dB, dC = bc_buffer(bcb), bc_buffer(bcc)
     dD = empty((batch, BL, dim), f32, dev) if D is not None else None
     dbias = empty((batch, BL, dim), f32, dev) if delta_bias is not None else None
-    selective_scan_bwd_kernel[(batch, n_dblk)](
+    launch(selective_scan_bwd_kernel, (batch, n_dblk),
         dout, dlast, u, delta, A, B, C, D, z, delta_bias, h0, ckpt,
         du, ddelta, dz, adj, dA, dB, dC, dD, dbias,
         dim, L, L_row, N, n_ck, ckpt.stride(0), bcb[2], bcc[2],
@@ -791,7 +792,7 @@ def selective_state_update(
     out = empty((batch, nheads, dim), x.dtype, x.device)
     dim_first = batch <= _GRID_YZ_MAX
     grid = (cdiv(dim, BD), nheads, batch) if dim_first else (batch, nheads, cdiv(dim, BD))
-    selective_state_update_kernel[grid](
+    launch(selective_state_update_kernel, grid,
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
         nheads, dim, N, nheads // B.shape[1],
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from scanopt._launch import launch
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.ops._partials import sum_partials
@@ -73,7 +74,7 @@ def wkv6_fwd(
     NV = cdiv(V, BV)
     ckpt = empty((B, H, cdiv(T, CK), K, V) if store_ckpt else (0,), torch.float32, device)
     if cfg["MODE"] == "recurrent":
-        kernels.wkv6_fwd_kernel[(NV, B * H)](
+        launch(kernels.wkv6_fwd_kernel, (NV, B * H),
             r, k, v, w, u, o, h0 if h0 is not None else ht, ht, ckpt,
             scale, T, H, K, V,
             BK=next_pow2(K), BV=BV, CHUNK=CK, PF=cfg["PF"],
@@ -90,14 +91,29 @@ def wkv6_fwd(
     hbuf = ckpt if store_ckpt else torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
     p = torch.empty((B, H, NT, K), dtype=torch.float32, device=device)
     uc = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-    kernels.wkv6_chunk_transition_kernel[(NV, NT, B * H)](
-        k, v, w, p, uc, T, H, K, V, BK=BK, BV=BV, BT=BT, PF=cfg["PF"], **_launch_opts(cfg)
+    launch(
+        kernels.wkv6_chunk_transition_kernel,
+        (NV, NT, B * H),
+        k,
+        v,
+        w,
+        p,
+        uc,
+        T,
+        H,
+        K,
+        V,
+        BK=BK,
+        BV=BV,
+        BT=BT,
+        PF=cfg["PF"],
+        **_launch_opts(cfg),
     )
-    kernels.wkv6_chunk_state_fwd_kernel[(NV, B * H)](
+    launch(kernels.wkv6_chunk_state_fwd_kernel, (NV, B * H),
         p, uc, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=BV, BT=BT, RATIO=ratio, HAS_H0=h0 is not None, **_launch_opts(cfg),
     )  # fmt: skip
-    kernels.wkv6_chunk_out_kernel[(NV, NT, B * H)](
+    launch(kernels.wkv6_chunk_out_kernel, (NV, NT, B * H),
         r, k, v, w, u, o, hbuf, scale, T, H, K, V,
         BK=BK, BV=BV, BT=BT, RATIO=ratio, PF=cfg["PF"], **_launch_opts(cfg),
     )  # fmt: skip
@@ -118,12 +134,12 @@ def _wkv6_fwd_tc(r, k, v, w, u, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
     gi = torch.empty((B, H, cdiv(T, BT) * BT, K), dtype=torch.float32, device=r.device)
     gr = torch.empty_like(gi)
-    tc_cumsum_kernel[(cdiv(T, BT), B * H)](w, gi, gr, T, H, K, BK=BK, BT=BT, **opts)
-    kernels.wkv6_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
+    launch(tc_cumsum_kernel, (cdiv(T, BT), B * H), w, gi, gr, T, H, K, BK=BK, BT=BT, **opts)
+    launch(kernels.wkv6_tc_state_kernel, (cdiv(V, cfg["BW"]), B * H),
         k, v, gi, gr, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=cfg["BW"], BS=BT, HAS_H0=h0 is not None, PREC=prec, **serial_opts,
     )  # fmt: skip
-    kernels.wkv6_tc_out_kernel[(cdiv(T, BT), cdiv(V, cfg["BV"]), B * H)](
+    launch(kernels.wkv6_tc_out_kernel, (cdiv(T, BT), cdiv(V, cfg["BV"]), B * H),
         r, k, v, gi, u, o, hbuf, ckpt if store_ckpt else hbuf, scale, T, H, K, V,
         BK=BK, BV=cfg["BV"], BT=BT, BC=16, CK=cfg["CHUNK"], STORE_CKPT=store_ckpt,
         FACTOR=factor_pairs(w), PREC=block_precision(r, w), **opts,
@@ -186,7 +202,7 @@ def wkv6_bwd(
         # chunk-end cotangents every BT steps (serial); each 16-step block program carries its
         # chunk's back over the chunk's later rows itself
         dbuf = torch.empty((B, H, cdiv(T, cfg["BT"]), K, V), dtype=torch.float32, device=device)
-        kernels.wkv6_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
+        launch(kernels.wkv6_tc_dstate_kernel, (cdiv(V, cfg["BW"]), B * H),
             r, w, do, dht if dht is not None else dbuf, dbuf, dh0, scale, T, H, K, V,
             BK=max(16, BK), BV=cfg["BW"], BS=cfg["BT"], HAS_DHT=dht is not None,
             HAS_H0=h0 is not None, PREC=prec, **serial_opts,
@@ -198,9 +214,21 @@ def wkv6_bwd(
         if dpass:  # the block-relative log decays, once, for the gradient kernel to read
             gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
             gr = torch.empty_like(gi)
-            tc_cumsum_kernel[(NS, B * H)](w, gi, gr, T, H, K, BK=max(16, BK), BT=CKPT_CHUNK, **opts)
+            launch(
+                tc_cumsum_kernel,
+                (NS, B * H),
+                w,
+                gi,
+                gr,
+                T,
+                H,
+                K,
+                BK=max(16, BK),
+                BT=CKPT_CHUNK,
+                **opts,
+            )
         for path in block_paths(w):
-            kernels.wkv6_tc_bwd_kernel[(cdiv(T, cfg["BT"]) if carry else NS, NV, B * H)](
+            launch(kernels.wkv6_tc_bwd_kernel, (cdiv(T, cfg["BT"]) if carry else NS, NV, B * H),
                 r, k, v, w, gi, gr, u, do, ckpt, dbuf, dr, dk, dw, du, dv, scale, T, H, K, V,
                 B * T * H * K if NV > 1 else 0,
                 BK=max(16, BK), BV=BV, BC=CKPT_CHUNK, BT=cfg["BT"], PATH=path, CARRY=carry,
@@ -211,7 +239,7 @@ def wkv6_bwd(
     elif not chunked:
         du = empty((NV, B, H, K), torch.float32, device)
         work = torch.empty((NV * B * H, chunk, BV, BK), dtype=torch.float32, device=device)
-        kernels.wkv6_bwd_kernel[(NV, B * H)](
+        launch(kernels.wkv6_bwd_kernel, (NV, B * H),
             r, k, v, w, u, do, dht if dht is not None else do, ckpt, work,
             dr, dk, dw, du, dv, dh0,
             scale, T, H, K, V,
@@ -223,7 +251,9 @@ def wkv6_bwd(
         NT = cdiv(T, BT)
         p = torch.empty((B, H, NT, K), dtype=torch.float32, device=device)
         y = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-        kernels.wkv6_chunk_adjoint_kernel[(NV, NT, B * H)](
+        launch(
+            kernels.wkv6_chunk_adjoint_kernel,
+            (NV, NT, B * H),
             r,
             w,
             do,
@@ -241,13 +271,13 @@ def wkv6_bwd(
             **_launch_opts(cfg),
         )
         dhend = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-        kernels.wkv6_chunk_state_bwd_kernel[(NV, B * H)](
+        launch(kernels.wkv6_chunk_state_bwd_kernel, (NV, B * H),
             p, y, dht if dht is not None else y, dhend, dh0, T, H, K, V,
             BK=BK, BV=BV, BT=BT, HAS_DHT=dht is not None, HAS_H0=h0 is not None,
             **_launch_opts(cfg),
         )  # fmt: skip
         du = empty((NV, NT, B, H, K), torch.float32, device)
-        kernels.wkv6_chunk_bwd_kernel[(NV, NT, B * H)](
+        launch(kernels.wkv6_chunk_bwd_kernel, (NV, NT, B * H),
             r, k, v, w, u, do, ckpt, dhend, dr, dk, dw, du, dv,
             scale, T, H, K, V, BK=BK, BV=BV, BT=BT, **_launch_opts(cfg),
         )  # fmt: skip

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from scanopt._launch import launch
 from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.ops._partials import sum_partials
@@ -82,7 +83,7 @@ def wkv7_fwd(
                              f"more than {lanes} lanes")  # fmt: skip
         VL = lanes // KG
         CPL = max(1, BV // VL)
-        kernels.wkv7_fwd_ks_kernel[(cdiv(V, VL * CPL), B * H)](
+        launch(kernels.wkv7_fwd_ks_kernel, (cdiv(V, VL * CPL), B * H),
             r, w, k, v, a, b, o, h0 if h0 is not None else ht, ht, ckpt,
             scale, T, H, K, V,
             KS=KS, KG=KG, VL=VL, CPL=CPL, CHUNK=CK, PF=cfg["PF"],
@@ -91,7 +92,7 @@ def wkv7_fwd(
         )  # fmt: skip
         return o, ht, ckpt
     if cfg["MODE"] == "recurrent":
-        kernels.wkv7_fwd_kernel[(cdiv(V, BV), B * H)](
+        launch(kernels.wkv7_fwd_kernel, (cdiv(V, BV), B * H),
             r, w, k, v, a, b, o, h0 if h0 is not None else ht, ht, ckpt,
             scale, T, H, K, V,
             BK=next_pow2(K), BV=BV, CHUNK=CK, PF=cfg["PF"],
@@ -107,15 +108,32 @@ def wkv7_fwd(
     ratio = BT // CK if store_ckpt else 1
     hbuf = ckpt if store_ckpt else torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
     pu = torch.empty((B, H, NT, K, W), dtype=torch.float32, device=device)
-    kernels.wkv7_chunk_transition_kernel[(cdiv(W, BW), NT, B * H)](
-        w, k, v, a, b, pu, T, H, K, V, W, BK=BK, BW=BW, BT=BT, PF=cfg["PF"], **_launch_opts(cfg)
+    launch(
+        kernels.wkv7_chunk_transition_kernel,
+        (cdiv(W, BW), NT, B * H),
+        w,
+        k,
+        v,
+        a,
+        b,
+        pu,
+        T,
+        H,
+        K,
+        V,
+        W,
+        BK=BK,
+        BW=BW,
+        BT=BT,
+        PF=cfg["PF"],
+        **_launch_opts(cfg),
     )
-    kernels.wkv7_chunk_state_fwd_kernel[(cdiv(V, BV), B * H)](
+    launch(kernels.wkv7_chunk_state_fwd_kernel, (cdiv(V, BV), B * H),
         pu, h0 if h0 is not None else ht, ht, hbuf, T, H, K, V,
         BK=BK, BV=BV, BKC=16, BT=BT, RATIO=ratio, HAS_H0=h0 is not None,
         **_launch_opts(cfg, 4),
     )  # fmt: skip
-    kernels.wkv7_chunk_out_kernel[(cdiv(V, BV), NT, B * H)](
+    launch(kernels.wkv7_chunk_out_kernel, (cdiv(V, BV), NT, B * H),
         r, w, k, v, a, b, o, hbuf, scale, T, H, K, V,
         BK=BK, BV=BV, BT=BT, RATIO=ratio, PF=cfg["PF"], **_launch_opts(cfg),
     )  # fmt: skip
@@ -148,13 +166,13 @@ def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     opts = _launch_opts(cfg)
     serial_opts = {**opts, "num_warps": cfg["SW"]}  # the [K, BW] serial passes
     for path in block_paths(w):
-        kernels.wkv7_tc_prep_kernel[(NS, B * H)](
+        launch(kernels.wkv7_tc_prep_kernel, (NS, B * H),
             w, k, a, b, aw, wk, T, H, K, BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
         )  # fmt: skip
     NB = cfg["BT"] // CKPT_CHUNK  # blocks per chunk of the serial pass
     h_init = h0 if h0 is not None else ht
     if NB == 1:  # the state pass walks every block
-        kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]), B * H)](
+        launch(kernels.wkv7_tc_state_kernel, (cdiv(V, cfg["BW"]), B * H),
             w, k, v, b, aw, wk, h_init, ht, hbuf, T, H, K, V,
             BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=0, HAS_H0=h0 is not None, PREC=prec,
             **serial_opts,
@@ -162,20 +180,20 @@ def _wkv7_fwd_tc(r, w, k, v, a, b, o, ht, ckpt, h0, scale, store_ckpt, cfg):
     else:  # chunk transitions in parallel, the serial pass per chunk, then the blocks between
         NT, W = cdiv(NS, NB), K + V
         pu = torch.empty((B, H, NT, K, W), dtype=torch.float32, device=device)
-        kernels.wkv7_tc_transition_kernel[(NT, cdiv(W, cfg["BV"]), B * H)](
+        launch(kernels.wkv7_tc_transition_kernel, (NT, cdiv(W, cfg["BV"]), B * H),
             w, k, v, b, aw, wk, pu, T, H, K, V, BK=BK, BW=cfg["BV"], BC=CKPT_CHUNK, NB=NB,
             PREC=prec, **opts,
         )  # fmt: skip
-        kernels.wkv7_chunk_state_fwd_kernel[(cdiv(V, cfg["BW"]), B * H)](
+        launch(kernels.wkv7_chunk_state_fwd_kernel, (cdiv(V, cfg["BW"]), B * H),
             pu, h_init, ht, hbuf, T, H, K, V, BK=BK, BV=cfg["BW"], BKC=16, BT=cfg["BT"],
             RATIO=NB, HAS_H0=h0 is not None, **serial_opts,
         )  # fmt: skip
-        kernels.wkv7_tc_state_kernel[(cdiv(V, cfg["BW"]) * NT, B * H)](
+        launch(kernels.wkv7_tc_state_kernel, (cdiv(V, cfg["BW"]) * NT, B * H),
             w, k, v, b, aw, wk, h_init, ht, hbuf, T, H, K, V,
             BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=NB, HAS_H0=False, PREC=prec, **opts,
         )  # fmt: skip
     for path in block_paths(w):
-        kernels.wkv7_tc_out_kernel[(NS, cdiv(V, cfg["BV"]), B * H)](
+        launch(kernels.wkv7_tc_out_kernel, (NS, cdiv(V, cfg["BV"]), B * H),
             r, w, k, v, b, aw, wk, o, hbuf, scale, T, H, K, V,
             BK=BK, BV=cfg["BV"], BC=CKPT_CHUNK, PATH=path, PREC=prec, **opts,
         )  # fmt: skip
@@ -245,16 +263,16 @@ def wkv7_bwd(
         if dpass:  # the block-relative log decays, once, for the kernels after it to read
             gi = torch.empty((B, H, NS * CKPT_CHUNK, K), dtype=torch.float32, device=device)
             gr = torch.empty_like(gi)
-            tc_cumsum_kernel[(NS, B * H)](w, gi, gr, T, H, K, BK=BK, BT=CKPT_CHUNK, **opts)
+            launch(tc_cumsum_kernel, (NS, B * H), w, gi, gr, T, H, K, BK=BK, BT=CKPT_CHUNK, **opts)
         for path in block_paths(w):
-            kernels.wkv7_tc_bprep_kernel[(NS, B * H)](
+            launch(kernels.wkv7_tc_bprep_kernel, (NS, B * H),
                 r, w, a, b, gi, gr, z1, z2, scale, T, H, K,
                 BK=BK, BC=CKPT_CHUNK, PATH=path, PREC=prec, GREAD=gread, **opts,
             )  # fmt: skip
         dbuf = torch.empty((B, H, NS, K, V), dtype=torch.float32, device=device)
         NB = cfg["BT"] // CKPT_CHUNK  # blocks per chunk of the serial pass
         if NB == 1:  # the cotangent pass walks every block
-            kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]), B * H)](
+            launch(kernels.wkv7_tc_dstate_kernel, (cdiv(V, cfg["BW"]), B * H),
                 r, w, a, do, z1, z2, dht if dht is not None else dbuf, dbuf, dh0, gi, scale,
                 T, H, K, V, BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=0, HAS_DHT=dht is not None,
                 HAS_H0=h0 is not None, PREC=prec, GREAD=gread, **serial_opts,
@@ -263,23 +281,23 @@ def wkv7_bwd(
             NT = cdiv(NS, NB)
             p = torch.empty((B, H, NT, K, K), dtype=torch.float32, device=device)
             y = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-            kernels.wkv7_tc_adjoint_kernel[(NT, cdiv(K + V, cfg["BV"]), B * H)](
+            launch(kernels.wkv7_tc_adjoint_kernel, (NT, cdiv(K + V, cfg["BV"]), B * H),
                 r, w, a, do, z1, z2, p, y, gi, scale, T, H, K, V,
                 BK=BK, BW=cfg["BV"], BC=CKPT_CHUNK, NB=NB, PREC=prec, GREAD=gread, **opts,
             )  # fmt: skip
             dhend = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-            kernels.wkv7_chunk_state_bwd_kernel[(cdiv(V, cfg["BW"]), B * H)](
+            launch(kernels.wkv7_chunk_state_bwd_kernel, (cdiv(V, cfg["BW"]), B * H),
                 p, y, dht if dht is not None else y, dhend, dh0, T, H, K, V,
                 BK=BK, BV=cfg["BW"], BKC=16, BT=cfg["BT"], HAS_DHT=dht is not None,
                 HAS_H0=h0 is not None, **serial_opts,
             )  # fmt: skip
-            kernels.wkv7_tc_dstate_kernel[(cdiv(V, cfg["BW"]) * NT, B * H)](
+            launch(kernels.wkv7_tc_dstate_kernel, (cdiv(V, cfg["BW"]) * NT, B * H),
                 r, w, a, do, z1, z2, dhend, dbuf, dh0, gi, scale, T, H, K, V,
                 BK=BK, BV=cfg["BW"], BC=CKPT_CHUNK, NB=NB, HAS_DHT=True, HAS_H0=False,
                 PREC=prec, GREAD=gread, **opts,
             )  # fmt: skip
         for path in block_paths(w):
-            kernels.wkv7_tc_bwd_kernel[(NS, NV, B * H)](
+            launch(kernels.wkv7_tc_bwd_kernel, (NS, NV, B * H),
                 r, w, k, v, a, b, do, ckpt, dbuf, gi, gr, dr, dw, dk, da, db, dv, scale,
                 T, H, K, V, B * T * H * K if NV > 1 else 0,
                 BK=BK, BKC=min(BK, 32 if path == 1 else 16), BV=BV, BC=CKPT_CHUNK, PATH=path,
@@ -288,7 +306,7 @@ def wkv7_bwd(
     elif not chunked:
         BK = next_pow2(K)
         work = torch.empty((NV * B * H, chunk, BV, BK), dtype=torch.float32, device=device)
-        kernels.wkv7_bwd_kernel[(NV, B * H)](
+        launch(kernels.wkv7_bwd_kernel, (NV, B * H),
             r, w, k, v, a, b, do, dht if dht is not None else do, ckpt, work,
             dr, dw, dk, da, db, dv, dh0,
             scale, T, H, K, V,
@@ -299,7 +317,9 @@ def wkv7_bwd(
         BK, BT, BW = max(16, next_pow2(K)), cfg["BT"], cfg["BW"]
         NT = cdiv(T, BT)
         p = torch.empty((B, H, NT, K, K), dtype=torch.float32, device=device)
-        kernels.wkv7_chunk_transition_kernel[(cdiv(K, BW), NT, B * H)](
+        launch(
+            kernels.wkv7_chunk_transition_kernel,
+            (cdiv(K, BW), NT, B * H),
             w,
             k,
             v,
@@ -318,7 +338,9 @@ def wkv7_bwd(
             **_launch_opts(cfg),
         )
         y = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-        kernels.wkv7_chunk_adjoint_kernel[(NV, NT, B * H)](
+        launch(
+            kernels.wkv7_chunk_adjoint_kernel,
+            (NV, NT, B * H),
             r,
             w,
             a,
@@ -337,12 +359,12 @@ def wkv7_bwd(
             **_launch_opts(cfg),
         )
         dhend = torch.empty((B, H, NT, K, V), dtype=torch.float32, device=device)
-        kernels.wkv7_chunk_state_bwd_kernel[(NV, B * H)](
+        launch(kernels.wkv7_chunk_state_bwd_kernel, (NV, B * H),
             p, y, dht if dht is not None else y, dhend, dh0, T, H, K, V,
             BK=BK, BV=BV, BKC=16, BT=BT,
             HAS_DHT=dht is not None, HAS_H0=h0 is not None, **_launch_opts(cfg, 4),
         )  # fmt: skip
-        kernels.wkv7_chunk_bwd_kernel[(NV, NT, B * H)](
+        launch(kernels.wkv7_chunk_bwd_kernel, (NV, NT, B * H),
             r, w, k, v, a, b, do, ckpt, dhend, dr, dw, dk, da, db, dv,
             scale, T, H, K, V, BK=BK, BV=BV, BT=BT, **_launch_opts(cfg),
         )  # fmt: skip
