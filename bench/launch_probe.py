@@ -34,6 +34,9 @@ def _case(op: str, L: int):
         td, tf = r(2048, dt=torch.float32), r(2048, dt=torch.float32)
         k, v = r(4, L, 2048), r(4, L, 2048)
         return (lambda: scanopt.wkv4(td, tf, k, v)[0]), (td, tf, k, v)
+    if op == "attention":
+        q, k, v = (r(4, L, 16, 128) for _ in range(3))
+        return (lambda: scanopt.flash_attn_func(q, k, v, causal=True)), (q, k, v)
     if op == "wkv7":
         x = [r(4, L, 32, 64) for _ in range(6)]
         with torch.no_grad():

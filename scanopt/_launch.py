@@ -11,7 +11,7 @@ disk cache, everything Triton checks), keeps the ``CompiledKernel`` it returns u
 least as fine as Triton's own specialisation (tensor dtypes and 16-byte alignment, every integer
 argument's exact value, every keyword argument and option), and afterwards calls the compiled
 kernel's launcher directly. Anything it does not model (launch hooks, the interpreter, arguments
-other than tensors, numbers and ``None``) takes ``kernel[grid]``.
+other than tensors, host ``TensorDescriptor`` objects, numbers and ``None``) takes ``kernel[grid]``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def _key(args: tuple, kwargs: dict) -> tuple | None:
             parts.append(float)  # Triton passes floats as fp32 arguments, never specialised
         elif kind is bool or a is None:
             parts.append((kind, a))  # True must not share a key with 1
+        elif kind.__name__ == "TensorDescriptor":  # a host TMA descriptor (triton.tools)
+            # the launcher rebuilds the CUtensorMap from these fields on every launch; the base
+            # is 16-byte aligned by the descriptor's own check
+            parts.append((kind, a.base.dtype, tuple(a.shape), tuple(a.strides),
+                          tuple(a.block_shape), a.padding))  # fmt: skip
         else:
             return None
     for v in kwargs.values():

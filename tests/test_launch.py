@@ -37,6 +37,14 @@ def test_key_separates_what_triton_specialises():
     assert k((1.5,), {}) == k((2.5,), {})  # floats are runtime fp32 arguments
     assert k((aligned,), {"BLOCK": 16}) != k((aligned,), {"BLOCK": 32})
     assert k((aligned,), {"num_warps": 4}) != k((aligned,), {"num_warps": 8})
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tile = torch.zeros(64, 64)
+    desc = TensorDescriptor.from_tensor(tile, [16, 64])
+    assert k((desc,), {}) == k((TensorDescriptor.from_tensor(torch.ones(64, 64), [16, 64]),), {})
+    assert k((desc,), {}) != k((TensorDescriptor.from_tensor(tile, [32, 64]),), {})
+    assert k((desc,), {}) != k((TensorDescriptor.from_tensor(tile[:48], [16, 64]),), {})
+    assert k((desc,), {}) != k((TensorDescriptor.from_tensor(tile.half(), [16, 64]),), {})
     assert k(([1],), {}) is None  # not modelled: kernel[grid] takes it
     assert k((aligned,), {"x": aligned}) is None
 
