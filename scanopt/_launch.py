@@ -29,6 +29,9 @@ DIRECT = True
 #: positional ones: keyword arguments and defaults, in signature order)
 _COMPILED: dict[tuple, tuple] = {}
 
+#: bound on the entries (a model called at many sequence lengths adds one per length and kernel)
+_MAX_ENTRIES = 4096
+
 _SCALARS = (int, float, bool, type(None))
 
 
@@ -91,6 +94,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         compiled = kernel[grid](*args, **kwargs)
         trailing = _trailing(kernel, len(args), kwargs)
         if compiled is not None and trailing is not None and not hasattr(compiled, "result"):
+            if len(_COMPILED) >= _MAX_ENTRIES:  # exact ints in the key: one entry per length
+                _COMPILED.clear()
             _COMPILED[(kernel, device, key)] = (compiled, trailing)
         return compiled
     compiled, trailing = entry
