@@ -57,6 +57,20 @@ def _case(op: str, L: int):
     raise ValueError(op)
 
 
+_WKV4_DEFAULT = None
+
+
+def _set_wkv4_fuse(fuse: int) -> None:
+    """Make WKV-4's default config take ``fuse`` (its launch-config cache cleared)."""
+    global _WKV4_DEFAULT
+    from scanopt.ops.wkv4 import launch
+
+    if _WKV4_DEFAULT is None:
+        _WKV4_DEFAULT = launch.default_config
+    launch.default_config = lambda *a, **kw: {**_WKV4_DEFAULT(*a, **kw), "fuse": fuse}
+    launch.clear_cache()
+
+
 def _host_us(fn, n: int = 300) -> float:
     for _ in range(30):
         fn()
@@ -96,13 +110,18 @@ def main() -> None:
             grads[direct] = [out.detach().clone()] + [t.grad.clone() for t in leaves]
         same = all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
         print(f"{op}: direct and kernel[grid] give identical outputs and gradients: {same}")
-        for direct in (False, True, False, True):
+        modes = [(False, 0), (True, 0), (False, 0), (True, 0)]
+        if op == "wkv4":  # and the fused launches (7 -> 4 per fwd+bwd), opt-in config "fuse"
+            modes += [(True, 1), (True, 0), (True, 1)]
+        for direct, fuse in modes:
             fast.DIRECT = direct
+            _set_wkv4_fuse(fuse)
             host = _host_us(fb)
             bench = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median") * 1e3
-            mode = "direct" if direct else "kernel[grid]"
+            mode = ("direct" if direct else "kernel[grid]") + (" fuse" if fuse else "")
             print(f"{op:8s} {mode:13s} host {host:8.1f} us   do_bench {bench:8.1f} us")
         fast.DIRECT = True
+        _set_wkv4_fuse(0)
 
 
 if __name__ == "__main__":

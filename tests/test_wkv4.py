@@ -99,6 +99,13 @@ def test_wkv4_state_continuation_equals_one_run(device):
         # T a multiple of the chunk: the kernels drop every tail mask (EVEN_T)
         (64, {"chunk": 16, "block_t": 16, "scan_block_c": 16}, {"block_t": 16, "sum_block_c": 16}),
         (96, {"chunk": 32, "block_t": 8}, {"block_t": 8, "block_c": 16, "scan_block_c": 16}),
+        # fuse: the summary kernels' last programs run the scans, the gradient kernel's the
+        # parameter sums (channel blocks of 32 over C = 40: a partial block)
+        (
+            65,
+            {"chunk": 16, "sum_block_c": 32, "fuse": 1},
+            {"block_c": 32, "sum_block_c": 32, "fuse": 1},
+        ),  # fmt: skip
     ],
 )
 def test_wkv4_launch_configs(device, T, fwd_cfg, bwd_cfg):
@@ -125,6 +132,37 @@ def test_wkv4_launch_configs(device, T, fwd_cfg, bwd_cfg):
     for g, name in zip(grads[:4], ("time_decay", "time_first", "key", "value")):
         report.check(f"d{name}", g, r_g[name])
     report.assert_ok()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_wkv4_fused_launches_match_unfused(device, with_state, monkeypatch):
+    """``fuse``: the same values as the separate scan and parameter kernels (the same
+    arithmetic in the same order), call after call on one counter buffer, as on a GPU stream
+    (the last programs set the counters back to zero)."""
+    shared = torch.zeros(64, dtype=torch.int32, device=device)
+    monkeypatch.setattr(launch, "counters", lambda n, dev: shared)
+    B, T, C = 2, 70, 40
+    x = op.make_inputs(B, T, C, device=device, decay="mixed", state=with_state, seed=5)
+    state = torch.stack(x["state"]) if with_state else None
+    gstate = torch.stack(x["grad_state"]) if with_state else None
+    args = [x[n] for n in ("time_decay", "time_first", "key", "value")]
+
+    def run(fuse):
+        fwd_cfg = {"chunk": 16, "sum_block_c": 16, "block_c": 16, "fuse": fuse}
+        out, fin, states, fidx = launch.wkv4_fwd(*args, state, config=fwd_cfg)
+        grads = launch.wkv4_bwd(
+            x["grad_out"], gstate, *args, state, fin, states, fidx, 16,
+            config={"block_c": 16, "sum_block_c": 16, "fuse": fuse},
+        )  # fmt: skip
+        return [out, fin, states, fidx, *(g for g in grads if g is not None)]
+
+    want = run(0)
+    for _ in range(2):
+        got = run(1)
+        for name, a, b in zip(("out", "final", "states", "fidx", "dtd", "dtf", "dk", "dv", "ds"),
+                              got, want):  # fmt: skip
+            assert torch.equal(a, b), name
+        assert not shared.any()
 
 
 def test_wkv4_contract_like_transformers(device):
@@ -325,6 +363,30 @@ def test_wkv4_gpu_anchor_shape_matches_torch_loop():
     report.check("out", out, b_out.double(), dtype="bfloat16")
     report.check("dkey", gk, b_gk.double(), dtype="bfloat16")
     report.assert_ok()
+
+
+@pytest.mark.gpu
+def test_wkv4_gpu_fused_launches_match_unfused():
+    """``fuse`` at the benchmark shape on the GPU's own counter buffer: bit for bit the
+    separate kernels' results, call after call (a counter left non-zero would skip a scan)."""
+    B, T, C = 4, 4096, 2048
+    x = op.make_inputs(B, T, C, dtype=torch.bfloat16, device="cuda", state=True, seed=7)
+    state, gstate = torch.stack(x["state"]), torch.stack(x["grad_state"])
+    args = [x[n] for n in ("time_decay", "time_first", "key", "value")]
+
+    def run(fuse):
+        out, fin, states, fidx = launch.wkv4_fwd(*args, state, config={"fuse": fuse})
+        chunk = launch.resolve_config("fwd", {"fuse": fuse}, B=B, T=T, C=C,
+                                      dtype=torch.bfloat16, device="cuda")["chunk"]  # fmt: skip
+        grads = launch.wkv4_bwd(x["grad_out"], gstate, *args, state, fin, states, fidx, chunk,
+                                config={"fuse": fuse})  # fmt: skip
+        return [out, fin, states, fidx, *grads]
+
+    want = run(0)
+    for _ in range(3):
+        for name, a, b in zip(("out", "final", "states", "fidx", "dtd", "dtf", "dk", "dv", "ds"),
+                              run(1), want):  # fmt: skip
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu

@@ -169,8 +169,14 @@ def wkv4_fwd_summary_kernel(
     td_ptr,
     sum_ptr,
     sidx_ptr,
+    cnt_ptr,
+    state_ptr,
+    states_ptr,
+    final_ptr,
+    fidx_ptr,
     T,
     C,
+    B,
     stride_kb,
     stride_kt,
     stride_vb,
@@ -180,7 +186,13 @@ def wkv4_fwd_summary_kernel(
     BLOCK_C: tl.constexpr,
     EVEN_T: tl.constexpr,
     FAST: tl.constexpr,
+    FUSE_SCAN: tl.constexpr = False,
+    HAS_STATE: tl.constexpr = False,
+    NUM_STAGES: tl.constexpr = 1,
 ):
+    # FUSE_SCAN: the last program of each (channel block, batch row) to store its summary runs
+    # the scan over the row's chunks (wkv4_fwd_scan_kernel's work, one launch less);
+    # cnt_ptr: [B, cdiv(C, BLOCK_C)] int32 arrival counters
     i_n = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -215,6 +227,52 @@ def wkv4_fwd_summary_kernel(
     row = i_b * n_chunks + i_n
     _store_state(sum_ptr + row * 3 * C + o_c, C, a, b, p, mask_c)
     tl.store(sidx_ptr + row * C + o_c, idx, mask=mask_c)
+    if FUSE_SCAN:
+        if _last_arrival(cnt_ptr + i_b * tl.num_programs(1) + i_c, n_chunks):
+            _fwd_scan(sum_ptr, sidx_ptr, w, state_ptr, states_ptr, final_ptr, fidx_ptr, T, C, B,
+                      n_chunks, i_b, o_c, mask_c, CHUNK, HAS_STATE, NUM_STAGES, ".cg")  # fmt: skip
+
+
+@triton.jit
+def _fwd_scan(sum_ptr, sidx_ptr, w, state_ptr, states_ptr, final_ptr, fidx_ptr, T, C, B, NC, i_b,
+              o_c, mask_c, CHUNK: tl.constexpr, HAS_STATE: tl.constexpr,
+              NUM_STAGES: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
+    """The serial pass over one batch row's chunk summaries for channels ``o_c``: every
+    chunk's incoming state, the final state and the index of the token that set its max.
+    ``CACHE``: the summaries' load cache modifier (".cg" when other programs of the same launch
+    wrote them)."""
+    # states_ptr: [B, NC, 3, C] every chunk's incoming state; chunk 0's is the initial state
+    a, b, p = _initial_state(state_ptr, i_b, B, C, o_c, mask_c, HAS_STATE)
+    _store_state(states_ptr + i_b * NC * 3 * C + o_c, C, a, b, p, mask_c)
+    idx = tl.full(o_c.shape, -1, tl.int32)
+    for n in tl.range(0, NC, num_stages=NUM_STAGES):
+        row = i_b * NC + n
+        p_sum = sum_ptr + row * 3 * C + o_c
+        sa = tl.load(p_sum, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        sb = tl.load(p_sum + C, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        sp = tl.load(p_sum + 2 * C, mask=mask_c, other=-1e38, cache_modifier=CACHE)
+        sidx = tl.load(sidx_ptr + row * C + o_c, mask=mask_c, other=-1, cache_modifier=CACHE)
+        steps = tl.minimum(T - n * CHUNK, CHUNK).to(tl.float32)
+        a, b, p, keep = _logadd(a, b, p + steps * w, sa, sb, sp, False)
+        idx = tl.where(keep, idx, sidx)
+        _store_state(states_ptr + (row + 1) * 3 * C + o_c, C, a, b, p, mask_c & (n + 1 < NC))
+    p_f = final_ptr + i_b * C + o_c
+    _store_state(p_f, B * C, a, b, p, mask_c)
+    tl.store(fidx_ptr + i_b * C + o_c, idx, mask=mask_c)
+
+
+@triton.jit
+def _last_arrival(cnt_ptr, n_parts):
+    """True in the program that stores the last of ``n_parts`` parts counted at ``cnt_ptr``
+    (int32, zero before the launch; that program sets it back to zero). Every thread's stores
+    precede the ticket (barrier, then an acquire-release atomic by one thread): the last
+    program sees every part, read with ``.cg`` loads."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    last = ticket == n_parts - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr, 0)
+    return last
 
 
 @triton.jit
@@ -240,24 +298,8 @@ def wkv4_fwd_scan_kernel(
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     mask_c = o_c < C
     w = _decay(td_ptr, o_c, mask_c)
-    # states_ptr: [B, NC, 3, C] every chunk's incoming state; chunk 0's is the initial state
-    a, b, p = _initial_state(state_ptr, i_b, B, C, o_c, mask_c, HAS_STATE)
-    _store_state(states_ptr + i_b * NC * 3 * C + o_c, C, a, b, p, mask_c)
-    idx = tl.full([BLOCK_C], -1, tl.int32)
-    for n in tl.range(0, NC, num_stages=NUM_STAGES):
-        row = i_b * NC + n
-        p_sum = sum_ptr + row * 3 * C + o_c
-        sa = tl.load(p_sum, mask=mask_c, other=0.0)
-        sb = tl.load(p_sum + C, mask=mask_c, other=0.0)
-        sp = tl.load(p_sum + 2 * C, mask=mask_c, other=-1e38)
-        sidx = tl.load(sidx_ptr + row * C + o_c, mask=mask_c, other=-1)
-        steps = tl.minimum(T - n * CHUNK, CHUNK).to(tl.float32)
-        a, b, p, keep = _logadd(a, b, p + steps * w, sa, sb, sp, False)
-        idx = tl.where(keep, idx, sidx)
-        _store_state(states_ptr + (row + 1) * 3 * C + o_c, C, a, b, p, mask_c & (n + 1 < NC))
-    p_f = final_ptr + i_b * C + o_c
-    _store_state(p_f, B * C, a, b, p, mask_c)
-    tl.store(fidx_ptr + i_b * C + o_c, idx, mask=mask_c)
+    _fwd_scan(sum_ptr, sidx_ptr, w, state_ptr, states_ptr, final_ptr, fidx_ptr, T, C, B, NC,
+              i_b, o_c, mask_c, CHUNK, HAS_STATE, NUM_STAGES, "")  # fmt: skip
 
 
 @triton.jit
@@ -347,8 +389,18 @@ def wkv4_bwd_summary_kernel(
     states_ptr,
     sub_ptr,
     rsum_ptr,
+    cnt_ptr,
+    final_ptr,
+    fidx_ptr,
+    gfinal_ptr,
+    state_ptr,
+    rin_ptr,
+    gstate_ptr,
+    gpt_ptr,
+    gwx_ptr,
     T,
     C,
+    B,
     stride_kb,
     stride_kt,
     stride_vb,
@@ -360,7 +412,14 @@ def wkv4_bwd_summary_kernel(
     BLOCK_C: tl.constexpr,
     EVEN_T: tl.constexpr,
     FAST: tl.constexpr,
+    FUSE_SCAN: tl.constexpr = False,
+    HAS_STATE: tl.constexpr = False,
+    HAS_DFINAL: tl.constexpr = False,
+    NUM_STAGES: tl.constexpr = 1,
 ):
+    # FUSE_SCAN: the last program of each (channel block, batch row) to store its summary runs
+    # the reverse scan over the row's chunks (wkv4_bwd_scan_kernel's work, one launch less);
+    # cnt_ptr: [B, cdiv(C, BLOCK_C)] int32 arrival counters
     i_n = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -421,6 +480,75 @@ def wkv4_bwd_summary_kernel(
     _store_state(p_r, C, ra, rg, rp, mask_c)
     tl.store(p_r + 3 * C, drift, mask=mask_c)
     tl.store(p_r + 4 * C, rise, mask=mask_c)
+    if FUSE_SCAN:
+        if _last_arrival(cnt_ptr + i_b * tl.num_programs(1) + i_c, n_chunks):
+            _bwd_scan(rsum_ptr, final_ptr, fidx_ptr, gfinal_ptr, state_ptr, rin_ptr, gstate_ptr,
+                      gpt_ptr, gwx_ptr, T, C, B, n_chunks, i_b, o_c, mask_c, HAS_STATE,
+                      HAS_DFINAL, NUM_STAGES, ".cg")  # fmt: skip
+
+
+@triton.jit
+def _bwd_scan(rsum_ptr, final_ptr, fidx_ptr, gfinal_ptr, state_ptr, rin_ptr, gstate_ptr, gpt_ptr,
+              gwx_ptr, T, C, B, NC, i_b, o_c, mask_c, HAS_STATE: tl.constexpr,
+              HAS_DFINAL: tl.constexpr, NUM_STAGES: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
+    """The reverse pass over one batch row's chunk summaries for channels ``o_c``: each chunk's
+    reverse accumulators after it (``rin``), the final max's cotangent share (``gpt``,
+    ``gwx``) and the incoming state's gradient. ``CACHE`` as in :func:`_fwd_scan`."""
+    o_bc = i_b * C + o_c  # into [3, B, C] and [B, C] tensors
+    # reverse accumulators after the last token, (ra, rg) e^{rp + p_T}: the final state's
+    # cotangent in real units, A = dnum e^{-p_T}, G = (dden + ybar_T dnum) e^{-p_T}
+    if HAS_DFINAL:
+        ga = tl.load(gfinal_ptr + o_bc, mask=mask_c, other=0.0)
+        gb = tl.load(gfinal_ptr + B * C + o_bc, mask=mask_c, other=0.0)
+        a_fin = tl.load(final_ptr + o_bc, mask=mask_c, other=0.0)
+        b_fin = tl.load(final_ptr + B * C + o_bc, mask=mask_c, other=1.0)
+        gg = gb + tl.where(b_fin > 0, a_fin / tl.where(b_fin > 0, b_fin, 1.0), 0.0) * ga
+        big = tl.maximum(tl.abs(ga), tl.abs(gg))
+        mg, rp = _split_magnitude(big, tl.zeros(o_c.shape, tl.float32))
+        scale = mg / tl.where(big > 0, big, 1.0)
+        ra = ga * scale
+        rg = gg * scale
+    else:
+        ra = tl.zeros(o_c.shape, tl.float32)
+        rg = tl.zeros(o_c.shape, tl.float32)
+        rp = tl.full(o_c.shape, -1e38, tl.float32)
+    for j in tl.range(0, NC, num_stages=NUM_STAGES):
+        n = NC - 1 - j
+        row = i_b * NC + n
+        _store_state(rin_ptr + row * 3 * C + o_c, C, ra, rg, rp, mask_c)
+        p_r = rsum_ptr + row * 5 * C + o_c
+        sa = tl.load(p_r, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        sg = tl.load(p_r + C, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        sp = tl.load(p_r + 2 * C, mask=mask_c, other=-1e38, cache_modifier=CACHE)
+        drift = tl.load(p_r + 3 * C, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        rise = tl.load(p_r + 4 * C, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        # to the chunk's start: G about ybar_start (ybar_start - ybar_end = -drift), exponent
+        # relative to p_start (p_end - p_start - L w = rise; the decay e^{L w} included)
+        ra, rg, rp, _ = _logadd(ra, rg - drift * ra, rp - rise, sa, sg, sp, False)
+    # the max of the final state: its cotangent, less what flows through num and den, goes to
+    # the token (or the incoming state) that set it
+    gpt = tl.zeros(o_c.shape, tl.float32)
+    gwx = tl.zeros(o_c.shape, tl.float32)
+    jstar = tl.full(o_c.shape, 0, tl.int32)
+    if HAS_DFINAL:
+        gm = tl.load(gfinal_ptr + 2 * B * C + o_bc, mask=mask_c, other=0.0)
+        gpt = gm - b_fin * gg
+        jstar = tl.load(fidx_ptr + o_bc, mask=mask_c, other=0)
+        steps_after = tl.where(jstar < 0, T, T - 1 - jstar).to(tl.float32)
+        gwx = gpt * steps_after
+    tl.store(gwx_ptr + o_bc, gwx, mask=mask_c)
+    tl.store(gpt_ptr + o_bc, tl.where(jstar < 0, 0.0, gpt), mask=mask_c)
+    if HAS_STATE:
+        # num0 = a0 e^{p0}, den0 = b0 e^{p0}, and the accumulators are relative to p0; G is
+        # about ybar_0 = a0 / b0, so d/dp0 = num0 dnum0 + den0 dden0 = b0 G (a0 A when b0 = 0)
+        a0 = tl.load(state_ptr + o_bc, mask=mask_c, other=0.0)
+        b0 = tl.load(state_ptr + B * C + o_bc, mask=mask_c, other=0.0)
+        scale = tl.exp(rp)
+        pos = b0 > 0
+        g_a0 = ra * scale
+        g_b0 = (rg - tl.where(pos, a0 / tl.where(pos, b0, 1.0), 0.0) * ra) * scale
+        g_p0 = tl.where(pos, b0 * rg, a0 * ra) * scale + tl.where(jstar < 0, gpt, 0.0)
+        _store_state(gstate_ptr + o_bc, B * C, g_a0, g_b0, g_p0, mask_c)
 
 
 @triton.jit
@@ -447,61 +575,9 @@ def wkv4_bwd_scan_kernel(
     i_b = tl.program_id(1).to(tl.int64)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     mask_c = o_c < C
-    o_bc = i_b * C + o_c  # into [3, B, C] and [B, C] tensors
-    # reverse accumulators after the last token, (ra, rg) e^{rp + p_T}: the final state's
-    # cotangent in real units, A = dnum e^{-p_T}, G = (dden + ybar_T dnum) e^{-p_T}
-    if HAS_DFINAL:
-        ga = tl.load(gfinal_ptr + o_bc, mask=mask_c, other=0.0)
-        gb = tl.load(gfinal_ptr + B * C + o_bc, mask=mask_c, other=0.0)
-        a_fin = tl.load(final_ptr + o_bc, mask=mask_c, other=0.0)
-        b_fin = tl.load(final_ptr + B * C + o_bc, mask=mask_c, other=1.0)
-        gg = gb + tl.where(b_fin > 0, a_fin / tl.where(b_fin > 0, b_fin, 1.0), 0.0) * ga
-        big = tl.maximum(tl.abs(ga), tl.abs(gg))
-        mg, rp = _split_magnitude(big, tl.zeros([BLOCK_C], tl.float32))
-        scale = mg / tl.where(big > 0, big, 1.0)
-        ra = ga * scale
-        rg = gg * scale
-    else:
-        ra = tl.zeros([BLOCK_C], tl.float32)
-        rg = tl.zeros([BLOCK_C], tl.float32)
-        rp = tl.full([BLOCK_C], -1e38, tl.float32)
-    for j in tl.range(0, NC, num_stages=NUM_STAGES):
-        n = NC - 1 - j
-        row = i_b * NC + n
-        _store_state(rin_ptr + row * 3 * C + o_c, C, ra, rg, rp, mask_c)
-        p_r = rsum_ptr + row * 5 * C + o_c
-        sa = tl.load(p_r, mask=mask_c, other=0.0)
-        sg = tl.load(p_r + C, mask=mask_c, other=0.0)
-        sp = tl.load(p_r + 2 * C, mask=mask_c, other=-1e38)
-        drift = tl.load(p_r + 3 * C, mask=mask_c, other=0.0)
-        rise = tl.load(p_r + 4 * C, mask=mask_c, other=0.0)
-        # to the chunk's start: G about ybar_start (ybar_start - ybar_end = -drift), exponent
-        # relative to p_start (p_end - p_start - L w = rise; the decay e^{L w} included)
-        ra, rg, rp, _ = _logadd(ra, rg - drift * ra, rp - rise, sa, sg, sp, False)
-    # the max of the final state: its cotangent, less what flows through num and den, goes to
-    # the token (or the incoming state) that set it
-    gpt = tl.zeros([BLOCK_C], tl.float32)
-    gwx = tl.zeros([BLOCK_C], tl.float32)
-    jstar = tl.full([BLOCK_C], 0, tl.int32)
-    if HAS_DFINAL:
-        gm = tl.load(gfinal_ptr + 2 * B * C + o_bc, mask=mask_c, other=0.0)
-        gpt = gm - b_fin * gg
-        jstar = tl.load(fidx_ptr + o_bc, mask=mask_c, other=0)
-        steps_after = tl.where(jstar < 0, T, T - 1 - jstar).to(tl.float32)
-        gwx = gpt * steps_after
-    tl.store(gwx_ptr + o_bc, gwx, mask=mask_c)
-    tl.store(gpt_ptr + o_bc, tl.where(jstar < 0, 0.0, gpt), mask=mask_c)
-    if HAS_STATE:
-        # num0 = a0 e^{p0}, den0 = b0 e^{p0}, and the accumulators are relative to p0; G is
-        # about ybar_0 = a0 / b0, so d/dp0 = num0 dnum0 + den0 dden0 = b0 G (a0 A when b0 = 0)
-        a0 = tl.load(state_ptr + o_bc, mask=mask_c, other=0.0)
-        b0 = tl.load(state_ptr + B * C + o_bc, mask=mask_c, other=0.0)
-        scale = tl.exp(rp)
-        pos = b0 > 0
-        g_a0 = ra * scale
-        g_b0 = (rg - tl.where(pos, a0 / tl.where(pos, b0, 1.0), 0.0) * ra) * scale
-        g_p0 = tl.where(pos, b0 * rg, a0 * ra) * scale + tl.where(jstar < 0, gpt, 0.0)
-        _store_state(gstate_ptr + o_bc, B * C, g_a0, g_b0, g_p0, mask_c)
+    _bwd_scan(rsum_ptr, final_ptr, fidx_ptr, gfinal_ptr, state_ptr, rin_ptr, gstate_ptr, gpt_ptr,
+              gwx_ptr, T, C, B, NC, i_b, o_c, mask_c, HAS_STATE, HAS_DFINAL, NUM_STAGES,
+              "")  # fmt: skip
 
 
 @triton.jit
@@ -519,8 +595,13 @@ def wkv4_bwd_grad_kernel(
     gv_ptr,
     gw_ptr,
     gu_ptr,
+    cnt_ptr,
+    gwx_ptr,
+    gtd_ptr,
+    gtf_ptr,
     T,
     C,
+    B,
     stride_kb,
     stride_kt,
     stride_vb,
@@ -537,7 +618,11 @@ def wkv4_bwd_grad_kernel(
     HAS_DFINAL: tl.constexpr,
     EVEN_T: tl.constexpr,
     FAST: tl.constexpr,
+    FUSE_PARAM: tl.constexpr = False,
 ):
+    # FUSE_PARAM: the last program of each channel block (over chunks and batch rows) to store
+    # its partial sums forms time_decay's and time_first's gradients (wkv4_bwd_param_kernel's
+    # work, one launch less); cnt_ptr: [cdiv(C, BLOCK_C)] int32 arrival counters
     i_n = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
     i_b = tl.program_id(2).to(tl.int64)
@@ -641,6 +726,30 @@ def wkv4_bwd_grad_kernel(
             rp = tl.where(valid, np_, rp)
     tl.store(gw_ptr + row * C + o_c, gw, mask=mask_c)
     tl.store(gu_ptr + row * C + o_c, gu, mask=mask_c)
+    if FUSE_PARAM:
+        n_rows = n_chunks * tl.num_programs(2)
+        if _last_arrival(cnt_ptr + i_c, n_rows):
+            _param_sums(gw_ptr, gu_ptr, gwx_ptr, td_ptr, gtd_ptr, gtf_ptr, n_rows, B, C, o_c,
+                        mask_c, ".cg")  # fmt: skip
+
+
+@triton.jit
+def _param_sums(gw_ptr, gu_ptr, gwx_ptr, td_ptr, gtd_ptr, gtf_ptr, R, B, C, o_c, mask_c,
+                CACHE: tl.constexpr):  # fmt: skip
+    """time_decay's and time_first's gradients for channels ``o_c`` from the ``[R = B * NC, C]``
+    per-(batch, chunk) partial sums and the ``[B, C]`` incoming-state share of dw, summed rows
+    in sequence (a fixed order: deterministic)."""
+    gw = tl.zeros(o_c.shape, dtype=tl.float32)
+    gu = tl.zeros(o_c.shape, dtype=tl.float32)
+    for r in range(0, R):
+        gw += tl.load(gw_ptr + r * C + o_c, mask=mask_c, other=0.0, cache_modifier=CACHE)
+        gu += tl.load(gu_ptr + r * C + o_c, mask=mask_c, other=0.0, cache_modifier=CACHE)
+    gwx = tl.zeros(o_c.shape, dtype=tl.float32)
+    for b in range(0, B):
+        gwx += tl.load(gwx_ptr + b * C + o_c, mask=mask_c, other=0.0)
+    w = _decay(td_ptr, o_c, mask_c)
+    tl.store(gtd_ptr + o_c, ((gw + gwx) * w).to(gtd_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(gtf_ptr + o_c, gu.to(gtf_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -656,21 +765,8 @@ def wkv4_bwd_param_kernel(
     C,
     BLOCK_C: tl.constexpr,
 ):
-    # gw_ptr, gu_ptr: [R = B * NC, C] per-(batch, chunk) partial sums; gwx_ptr: [B, C] the
-    # incoming-state share of dw. Fixed summation order (rows in sequence): deterministic.
     # One launch instead of the ~10 small PyTorch ops of the sums, the chain rule through
-    # w = -exp(time_decay) and the casts.
+    # w = -exp(time_decay) and the casts (the grad kernel's FUSE_PARAM does it without one).
     i_c = tl.program_id(0).to(tl.int64)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    mask_c = o_c < C
-    gw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    gu = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r in range(0, R):
-        gw += tl.load(gw_ptr + r * C + o_c, mask=mask_c, other=0.0)
-        gu += tl.load(gu_ptr + r * C + o_c, mask=mask_c, other=0.0)
-    gwx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for b in range(0, B):
-        gwx += tl.load(gwx_ptr + b * C + o_c, mask=mask_c, other=0.0)
-    w = _decay(td_ptr, o_c, mask_c)
-    tl.store(gtd_ptr + o_c, ((gw + gwx) * w).to(gtd_ptr.dtype.element_ty), mask=mask_c)
-    tl.store(gtf_ptr + o_c, gu.to(gtf_ptr.dtype.element_ty), mask=mask_c)
+    _param_sums(gw_ptr, gu_ptr, gwx_ptr, td_ptr, gtd_ptr, gtf_ptr, R, B, C, o_c, o_c < C, "")

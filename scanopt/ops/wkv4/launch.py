@@ -15,6 +15,7 @@ from scanopt._tensor import empty
 from scanopt._triton_compat import ensure_interpreter_compat
 from scanopt.autotune import resolve_config as tuned_config
 from scanopt.autotune.store import register_launch_cache
+from scanopt.ops._arrival import counters
 from scanopt.ops._rwkv_common import cdiv, next_pow2
 from scanopt.ops.wkv4.kernels import (
     wkv4_bwd_grad_kernel,
@@ -48,6 +49,7 @@ CONFIG_KEYS = {
         "scan_block_c",
         "scan_warps",
         "scan_stages",
+        "fuse",
     ),
     # chunk comes from the forward; block_t must divide it
     "bwd": (
@@ -59,6 +61,7 @@ CONFIG_KEYS = {
         "scan_block_c",
         "scan_warps",
         "scan_stages",
+        "fuse",
     ),
 }
 
@@ -100,6 +103,10 @@ def default_config(
     - ``block_c`` / ``num_warps``: 2 channels per thread forward, 1 backward, 128-256 channels
       per program; ``sum_*`` for the summary kernels (same by default); ``scan_*`` for the serial
       pass over chunks: 64 channels per warp, 3-stage pipelined loads.
+    - ``fuse``: 1 lets the last program of each summary kernel's channel block run the serial
+      pass (and the gradient kernel's the decay / bonus sums) instead of launching the scan and
+      parameter kernels: 7 launches per fwd+bwd become 4 (``scanopt.ops._arrival``). 0 for now
+      (opt-in until timed on a GPU).
     """
     if direction not in CONFIG_KEYS:
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
@@ -121,6 +128,7 @@ def default_config(
         "scan_block_c": scan_block_c,
         "scan_warps": 1 if scan_block_c <= 64 else 2,
         "scan_stages": 3,
+        "fuse": 0,
     }
     if direction == "fwd":
         # the backward's gradient kernel (128 channels per program) sets the parallelism
@@ -194,6 +202,8 @@ def _resolve(
     for key in _POW2_KEYS:
         if key in cfg and (cfg[key] < 1 or cfg[key] & (cfg[key] - 1)):
             raise ValueError(f"wkv4 {direction} config: {key} must be a power of two, got {cfg}")
+    if cfg.get("fuse", 0) not in (0, 1):
+        raise ValueError(f"wkv4 {direction} config: fuse must be 0 or 1, got {cfg['fuse']!r}")
     return cfg
 
 
@@ -246,19 +256,27 @@ def wkv4_fwd(
     states = empty((B, NC, 3, C), torch.float32, device)
     has_state = state is not None
     state_arg = state.contiguous() if has_state else states
+    fuse = bool(cfg.get("fuse", 0))
     if NC > 1:
         summ = empty((B, NC, 3, C), torch.float32, device)
         sidx = empty((B, NC, C), torch.int32, device)
+        n_cb = cdiv(C, cfg["sum_block_c"])
         launch(
             wkv4_fwd_summary_kernel,
-            (NC, cdiv(C, cfg["sum_block_c"]), B),
+            (NC, n_cb, B),
             key,
             value,
             td,
             summ,
             sidx,
+            counters(B * n_cb, device) if fuse else sidx,
+            state_arg,
+            states,
+            final,
+            fidx,
             T,
             C,
+            B,
             key.stride(0),
             key.stride(1),
             value.stride(0),
@@ -268,8 +286,12 @@ def wkv4_fwd(
             BLOCK_C=cfg["sum_block_c"],
             EVEN_T=T % chunk == 0,
             FAST=fast,
+            FUSE_SCAN=fuse,
+            HAS_STATE=has_state,
+            NUM_STAGES=cfg["scan_stages"],
             num_warps=cfg["sum_warps"],
         )
+    if NC > 1 and not fuse:
         launch(
             wkv4_fwd_scan_kernel,
             (cdiv(C, cfg["scan_block_c"]), B),
@@ -358,11 +380,18 @@ def wkv4_bwd(
     gfinal = grad_final.float().contiguous() if has_dfinal else final
     st = state.float().contiguous() if state is not None else final
 
+    fuse = bool(cfg.get("fuse", 0))
     sub = empty((B, NC * (chunk // block_t), 3, C), torch.float32, device)
     rsum = empty((B, NC, 5, C), torch.float32, device)
+    rin = empty((B, NC, 3, C), torch.float32, device)
+    gstate = empty((3, B, C), torch.float32, device) if state is not None else None
+    gpt = empty((B, C), torch.float32, device)
+    gwx = empty((B, C), torch.float32, device)
+    scan_args = (final, fidx, gfinal, st, rin, gstate if gstate is not None else gpt, gpt, gwx)
+    n_cb = cdiv(C, cfg["sum_block_c"])
     launch(
         wkv4_bwd_summary_kernel,
-        (NC, cdiv(C, cfg["sum_block_c"]), B),
+        (NC, n_cb, B),
         key,
         value,
         grad_out,
@@ -371,8 +400,11 @@ def wkv4_bwd(
         states,
         sub,
         rsum,
+        counters(B * n_cb, device) if fuse else rsum,
+        *scan_args,
         T,
         C,
+        B,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -384,41 +416,38 @@ def wkv4_bwd(
         BLOCK_C=cfg["sum_block_c"],
         EVEN_T=T % chunk == 0,
         FAST=fast,
-        num_warps=cfg["sum_warps"],
-    )
-    rin = empty((B, NC, 3, C), torch.float32, device)
-    gstate = empty((3, B, C), torch.float32, device) if state is not None else None
-    gpt = empty((B, C), torch.float32, device)
-    gwx = empty((B, C), torch.float32, device)
-    launch(
-        wkv4_bwd_scan_kernel,
-        (cdiv(C, cfg["scan_block_c"]), B),
-        rsum,
-        final,
-        fidx,
-        gfinal,
-        st,
-        rin,
-        gstate if gstate is not None else gpt,
-        gpt,
-        gwx,
-        T,
-        C,
-        B,
-        NC,
-        BLOCK_C=cfg["scan_block_c"],
+        FUSE_SCAN=fuse,
         HAS_STATE=state is not None,
         HAS_DFINAL=has_dfinal,
         NUM_STAGES=cfg["scan_stages"],
-        num_warps=cfg["scan_warps"],
+        num_warps=cfg["sum_warps"],
     )
+    if not fuse:
+        launch(
+            wkv4_bwd_scan_kernel,
+            (cdiv(C, cfg["scan_block_c"]), B),
+            rsum,
+            *scan_args,
+            T,
+            C,
+            B,
+            NC,
+            BLOCK_C=cfg["scan_block_c"],
+            HAS_STATE=state is not None,
+            HAS_DFINAL=has_dfinal,
+            NUM_STAGES=cfg["scan_stages"],
+            num_warps=cfg["scan_warps"],
+        )
     gk = empty((B, T, C), key.dtype, device)
     gv = empty((B, T, C), value.dtype, device)
     gw_part = empty((B, NC, C), torch.float32, device)
     gu_part = empty((B, NC, C), torch.float32, device)
+    g_td = empty((C,), time_decay.dtype, device)
+    g_tf = empty((C,), time_first.dtype, device)
+    n_cg = cdiv(C, cfg["block_c"])
     launch(
         wkv4_bwd_grad_kernel,
-        (NC, cdiv(C, cfg["block_c"]), B),
+        (NC, n_cg, B),
         key,
         value,
         grad_out,
@@ -432,8 +461,13 @@ def wkv4_bwd(
         gv,
         gw_part,
         gu_part,
+        counters(n_cg, device) if fuse else gw_part,
+        gwx,
+        g_td,
+        g_tf,
         T,
         C,
+        B,
         key.stride(0),
         key.stride(1),
         value.stride(0),
@@ -450,23 +484,23 @@ def wkv4_bwd(
         HAS_DFINAL=has_dfinal,
         EVEN_T=T % chunk == 0,
         FAST=fast,
+        FUSE_PARAM=fuse,
         num_warps=cfg["num_warps"],
     )
-    g_td = empty((C,), time_decay.dtype, device)
-    g_tf = empty((C,), time_first.dtype, device)
-    launch(
-        wkv4_bwd_param_kernel,
-        (cdiv(C, _PARAM_BLOCK_C),),
-        gw_part,
-        gu_part,
-        gwx,
-        td,
-        g_td,
-        g_tf,
-        B * NC,
-        B,
-        C,
-        BLOCK_C=_PARAM_BLOCK_C,
-        num_warps=4,
-    )
+    if not fuse:
+        launch(
+            wkv4_bwd_param_kernel,
+            (cdiv(C, _PARAM_BLOCK_C),),
+            gw_part,
+            gu_part,
+            gwx,
+            td,
+            g_td,
+            g_tf,
+            B * NC,
+            B,
+            C,
+            BLOCK_C=_PARAM_BLOCK_C,
+            num_warps=4,
+        )
     return g_td, g_tf, gk, gv, gstate
