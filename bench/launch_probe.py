@@ -120,7 +120,7 @@ def main() -> None:
             bench = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median") * 1e3
             mode = ("direct" if direct else "kernel[grid]") + (" fuse" if fuse else "")
             print(f"{op:8s} {mode:13s} host {host:8.1f} us   do_bench {bench:8.1f} us")
-        fast.DIRECT = True
+        fast.DIRECT = False
         _set_wkv4_fuse(0)
 
 

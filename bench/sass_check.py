@@ -103,6 +103,9 @@ def _inspect(kernel, arch: str) -> tuple[str, str, int]:
 def install(arch: str = "sm_90a") -> None:
     """Replace launches by offline compiles that print one line per distinct kernel."""
     driver.set_active(_StubDriver(int(re.sub(r"\D", "", arch))))
+    import scanopt._launch
+
+    scanopt._launch.DIRECT = False  # every launch through JITFunction.run (compiled, not run)
     seen: set = set()
     run = JITFunction.run
 

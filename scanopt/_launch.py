@@ -10,7 +10,8 @@ small shapes that per-call Python is a large share of an op's time (bench/notes/
 disk cache, everything Triton checks), keeps the ``CompiledKernel`` it returns under a key at
 least as fine as Triton's own specialisation (tensor dtypes and 16-byte alignment, every integer
 argument's exact value, every keyword argument and option), and afterwards calls the compiled
-kernel's launcher directly. Anything it does not model (launch hooks, the interpreter, arguments
+kernel's launcher directly (when ``DIRECT`` is on: off by default until it has run on a GPU).
+Anything it does not model (launch hooks, the interpreter, arguments
 other than tensors, host ``TensorDescriptor`` objects, numbers and ``None``) takes ``kernel[grid]``.
 """
 
@@ -22,8 +23,11 @@ import torch
 
 from scanopt._env import interpreting
 
-#: False: every launch goes through ``kernel[grid](...)`` (probes time the two against each other)
-DIRECT = True
+#: True: cached specialisations are launched directly; False: every launch goes through
+#: ``kernel[grid](...)``. Off until the direct path has run on a GPU (built without one, in the
+#: fourteenth session; ``tests/test_launch.py``'s GPU test and ``bench/launch_probe.py`` check and
+#: time it, then this default changes)
+DIRECT = False
 
 #: (kernel, device, specialisation key) -> (CompiledKernel, the trailing arguments after the
 #: positional ones: keyword arguments and defaults, in signature order)

@@ -67,6 +67,7 @@ def test_interpreter_and_switch_take_kernel_grid(monkeypatch):
         def __getitem__(self, grid):
             return lambda *a, **kw: calls.append((grid, a, kw))
 
+    monkeypatch.setattr(fast, "DIRECT", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     fast.launch(Stub(), (2,), 1, BLOCK=4)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -76,9 +77,10 @@ def test_interpreter_and_switch_take_kernel_grid(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_direct_launch_matches_kernel_grid():
+def test_gpu_direct_launch_matches_kernel_grid(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    monkeypatch.setattr(fast, "DIRECT", True)
     g = torch.Generator(device="cuda").manual_seed(0)
     buf_x = torch.randn(1000, generator=g, device="cuda")
     buf_y = torch.randn(1000, generator=g, device="cuda")
