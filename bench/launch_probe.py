@@ -14,11 +14,10 @@ two modes are compared bit for bit first.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import triton
+from host_costs import _median_us  # bench/ is on sys.path when run as a script
 
 import scanopt
 import scanopt._launch as fast
@@ -71,19 +70,6 @@ def _set_wkv4_fuse(fuse: int) -> None:
     launch.clear_cache()
 
 
-def _host_us(fn, n: int = 300) -> float:
-    for _ in range(30):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(ts) * 1e6
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="wkv4")
@@ -116,7 +102,7 @@ def main() -> None:
         for direct, fuse in modes:
             fast.DIRECT = direct
             _set_wkv4_fuse(fuse)
-            host = _host_us(fb)
+            host = _median_us(fb, 300)
             bench = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median") * 1e3
             mode = ("direct" if direct else "kernel[grid]") + (" fuse" if fuse else "")
             print(f"{op:8s} {mode:13s} host {host:8.1f} us   do_bench {bench:8.1f} us")

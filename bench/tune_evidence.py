@@ -71,8 +71,15 @@ def main() -> None:
                       timeout=a.timeout)  # fmt: skip
         grid = tune(a.op, a.direction, sampler="grid", trials=n, study_name="grid", **common)
         tpe = [
-            tune(a.op, a.direction, sampler="tpe", trials=budget, seed=int(s),
-                 study_name=f"tpe-{s}", **common)  # fmt: skip
+            tune(
+                a.op,
+                a.direction,
+                sampler="tpe",
+                trials=budget,
+                seed=int(s),
+                study_name=f"tpe-{s}",
+                **common,
+            )  # fmt: skip
             for s in a.seeds.split(",")
         ]
     print(f"# {a.op}.{a.direction} {grid.dtype} {grid.shape}: {n} valid points, grid evaluated "
