@@ -23,36 +23,38 @@ import scanopt
 import scanopt._launch as fast
 
 
-def _case(op: str, L: int):
-    g = torch.Generator(device="cuda").manual_seed(0)
+def _case(op: str, L: int, dev: str = "cuda", small: bool = False):
+    """The public call at the bench width (``small``: a tiny width for a CPU smoke run)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    C, H, D, HR, K, dim = (64, 2, 32, 2, 16, 8) if small else (2048, 16, 128, 32, 64, 2048)
 
     def r(*s, dt=torch.bfloat16):
-        return torch.randn(*s, generator=g, device="cuda").to(dt).requires_grad_()
+        return torch.randn(*s, generator=g, device=dev).to(dt).requires_grad_()
 
     if op == "wkv4":
-        td, tf = r(2048, dt=torch.float32), r(2048, dt=torch.float32)
-        k, v = r(4, L, 2048), r(4, L, 2048)
+        td, tf = r(C, dt=torch.float32), r(C, dt=torch.float32)
+        k, v = r(4, L, C), r(4, L, C)
         return (lambda: scanopt.wkv4(td, tf, k, v)[0]), (td, tf, k, v)
     if op == "attention":
-        q, k, v = (r(4, L, 16, 128) for _ in range(3))
+        q, k, v = (r(4, L, H, D) for _ in range(3))
         return (lambda: scanopt.flash_attn_func(q, k, v, causal=True)), (q, k, v)
     if op == "wkv7":
-        x = [r(4, L, 32, 64) for _ in range(6)]
+        x = [r(4, L, HR, K) for _ in range(6)]
         with torch.no_grad():
             x[1].copy_(-torch.nn.functional.softplus(x[1].float()) - 0.5)  # log decays < 0
             x[4].copy_(torch.nn.functional.normalize(x[4].float(), dim=-1))
             x[5].copy_(-x[4].float() * 0.5)
         return (lambda: scanopt.wkv7(*x)[0]), tuple(x)
     if op == "selective_scan":
-        u, dt, z = r(4, 2048, L), r(4, 2048, L), r(4, 2048, L)
-        A = (-torch.rand(2048, 16, generator=g, device="cuda") - 0.5).requires_grad_()
-        B, C = r(4, 16, L), r(4, 16, L)
-        D = r(2048, dt=torch.float32)
-        bias = r(2048, dt=torch.float32)
+        u, dt, z = r(4, dim, L), r(4, dim, L), r(4, dim, L)
+        A = (-torch.rand(dim, 16, generator=g, device=dev) - 0.5).requires_grad_()
+        B, C_ = r(4, 16, L), r(4, 16, L)
+        Dp = r(dim, dt=torch.float32)
+        bias = r(dim, dt=torch.float32)
         return (
-            lambda: scanopt.selective_scan_fn(u, dt, A, B, C, D=D, z=z, delta_bias=bias,
+            lambda: scanopt.selective_scan_fn(u, dt, A, B, C_, D=Dp, z=z, delta_bias=bias,
                                               delta_softplus=True)
-        ), (u, dt, A, B, C, D, z, bias)  # fmt: skip
+        ), (u, dt, A, B, C_, Dp, z, bias)  # fmt: skip
     raise ValueError(op)
 
 
@@ -74,10 +76,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default="wkv4")
     p.add_argument("--L", type=int, default=1024)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU, tiny shapes, no timing (TRITON_INTERPRET=1): the script's own check",
+    )
     args = p.parse_args()
-    print(f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, L {args.L}")
+    dev = "cpu" if args.smoke else "cuda"
+    name = "CPU smoke run" if args.smoke else torch.cuda.get_device_name()
+    print(f"# {name}, triton {triton.__version__}, L {args.L}")
     for op in args.ops.split(","):
-        fwd, leaves = _case(op, args.L)
+        fwd, leaves = _case(op, args.L, dev, args.smoke)
 
         def fb(fwd=fwd, leaves=leaves):
             out = fwd()
@@ -102,8 +111,13 @@ def main() -> None:
         for direct, fuse in modes:
             fast.DIRECT = direct
             _set_wkv4_fuse(fuse)
-            host = _median_us(fb, 300)
-            bench = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median") * 1e3
+            if args.smoke:
+                fb()
+                host = bench = float("nan")
+            else:
+                host = _median_us(fb, 300)
+                bench = triton.testing.do_bench(fb, warmup=50, rep=300, return_mode="median")
+                bench *= 1e3
             mode = ("direct" if direct else "kernel[grid]") + (" fuse" if fuse else "")
             print(f"{op:8s} {mode:13s} host {host:8.1f} us   do_bench {bench:8.1f} us")
         fast.DIRECT = False
