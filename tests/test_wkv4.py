@@ -264,6 +264,8 @@ def test_wkv4_bad_inputs():
         launch.wkv4_fwd(td, tf, k, v, config={"BV": 32})
     with pytest.raises(ValueError, match="chunk must be a power of two"):
         launch.wkv4_fwd(td, tf, k, v, config={"chunk": 24})
+    with pytest.raises(ValueError, match="fuse must be 0 or 1"):
+        launch.wkv4_fwd(td, tf, k, v, config={"fuse": 2})
 
 
 def test_wkv4_no_grad_and_empty_sequence(device):
