@@ -102,3 +102,20 @@ def test_gpu_direct_launch_matches_kernel_grid(monkeypatch):
             fast.launch(_axpy_kernel, grid, x, y, got, n, alpha, BLOCK=128, ADD=add)
             assert torch.equal(got, want), (n, alpha, add, x.dtype)
     assert sum(k[0] is _axpy_kernel for k in fast._COMPILED) == 5  # one per specialisation
+
+
+def test_arrival_counters():
+    """CPU (interpreter) counters are a fresh zeroed tensor per launch; on a GPU one buffer per
+    stream, zero between launches (the kernels reset it: tests/test_wkv4.py)."""
+    from scanopt.ops._arrival import counters
+
+    a = counters(5, torch.device("cpu"))
+    assert a.dtype == torch.int32 and a.numel() >= 5 and not a.any()
+    a += 1
+    assert not counters(5, torch.device("cpu")).any()
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        buf = counters(5, dev)
+        assert buf.numel() >= 5 and not buf.any()
+        assert counters(3, dev) is buf  # the same stream: the same buffer
+        assert counters(buf.numel() + 1, dev).numel() > buf.numel()  # grown when too small
