@@ -11,8 +11,8 @@ disk cache, everything Triton checks), keeps the ``CompiledKernel`` it returns u
 least as fine as Triton's own specialisation (tensor dtypes and 16-byte alignment, every integer
 argument's exact value, every keyword argument and option), and afterwards calls the compiled
 kernel's launcher directly (when ``DIRECT`` is on: off by default until it has run on a GPU).
-Anything it does not model (launch hooks, the interpreter, arguments
-other than tensors, host ``TensorDescriptor`` objects, numbers and ``None``) takes ``kernel[grid]``.
+What it does not model takes ``kernel[grid]``: launch hooks, the interpreter, and arguments
+other than tensors, host ``TensorDescriptor`` objects, numbers and ``None``.
 """
 
 from __future__ import annotations
