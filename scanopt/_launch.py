@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+from triton import knobs
 
 from scanopt._env import interpreting
 
@@ -85,8 +86,6 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     this specialisation has run. ``grid`` is a tuple of up to three ints."""
     if not DIRECT or interpreting() or not hasattr(kernel, "device_caches"):
         return kernel[grid](*args, **kwargs)
-    from triton import knobs
-
     if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
         return kernel[grid](*args, **kwargs)
     key = _key(args, kwargs)
